@@ -1,0 +1,1 @@
+"""Device runtime: trainers (ExecuTorch, ONNX Runtime, torch reference) and the MQTT device agent."""

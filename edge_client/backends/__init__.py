@@ -1,0 +1,1 @@
+"""Trainer backends: ExecuTorch (phones), ONNX Runtime training, torch (reference, Jetson)."""

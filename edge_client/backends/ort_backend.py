@@ -1,0 +1,73 @@
+"""ONNX Runtime training trainer: training/eval/optimizer graphs over a shared checkpoint state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.trainer import StepResult, correct_count
+from protocol.manifest import Manifest
+from protocol.tensors import TensorDict, canonical_key
+
+
+class OrtTrainer:
+    """Adapter tensors are the checkpoint's trainable parameters, addressed by name."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, learning_rate: float) -> None:
+        from onnxruntime.training import api
+
+        if "onnxruntime" not in manifest.files:
+            raise FileNotFoundError(f"{artifact_dir} has no ONNX Runtime artifacts")
+        self.manifest = manifest
+        folder = Path(artifact_dir) / manifest.files["onnxruntime"]
+        self.state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+        self.module = api.Module(
+            str(folder / "training_model.onnx"), self.state, str(folder / "eval_model.onnx")
+        )
+        self.optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), self.module)
+        self.optimizer.set_learning_rate(learning_rate)
+        self._native = {
+            canonical_key(name): name for name, param in self.state.parameters
+            if param.requires_grad
+        }
+
+    def set_adapter(self, adapter: TensorDict) -> None:
+        """Write the adapter into the checkpoint state (shared by train and eval graphs)."""
+        self.manifest.check_adapter(adapter)
+        for key, native in self._native.items():
+            self.state.parameters[native] = np.ascontiguousarray(adapter[key])
+
+    def get_adapter(self) -> TensorDict:
+        """Copy of the adapter."""
+        return {k: self.state.parameters[n].data.copy() for k, n in self._native.items()}
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """SGD learning rate for the next steps."""
+        self.optimizer.set_learning_rate(learning_rate)
+
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        """Forward + backward in the training graph, SGD in the optimizer graph."""
+        self.module.train()
+        loss, logits = self.module(np.ascontiguousarray(inputs), labels)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return StepResult(float(loss), correct_count(logits, labels))
+
+    def gradients(self, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, TensorDict]:
+        """Loss and adapter gradients of one batch, without a step (for parity checks)."""
+        self.module.train()
+        loss, _ = self.module(np.ascontiguousarray(inputs), labels)
+        grads = {k: self.state.parameters[n].grad.copy() for k, n in self._native.items()}
+        self.module.lazy_reset_grad()
+        return float(loss), grads
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """Class scores from the eval graph."""
+        self.module.eval()
+        _, logits = self.module(
+            np.ascontiguousarray(inputs), np.zeros(len(inputs), dtype=np.int64)
+        )
+        return np.asarray(logits)

@@ -1,0 +1,74 @@
+"""Reference trainer in eager PyTorch + peft: the baseline every parity test compares with."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_client.trainer import StepResult, correct_count
+from protocol.manifest import Manifest
+from protocol.tensors import TensorDict
+from workloads.base import file_sha256, get_workload
+from workloads.lora import get_adapter, set_adapter
+
+
+class TorchTrainer:
+    """Builds the workload's model from its base weights; SGD on the adapter only."""
+
+    backend = "torch"
+
+    def __init__(self, manifest: Manifest, learning_rate: float) -> None:
+        self.manifest = manifest
+        workload = get_workload(manifest.workload)
+        base = workload.base_weights()
+        if file_sha256(base) != manifest.base_sha256:
+            raise ValueError(
+                f"base weights {base} do not match the manifest's base_sha256; re-export"
+            )
+        self.model = workload.build(base, seed=int(manifest.lora.get("seed", 0)))
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self._params, lr=learning_rate)
+
+    def set_adapter(self, adapter: TensorDict) -> None:
+        """Overwrite the adapter."""
+        self.manifest.check_adapter(adapter)
+        set_adapter(self.model, adapter)
+
+    def get_adapter(self) -> TensorDict:
+        """Copy of the adapter."""
+        return get_adapter(self.model)
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """SGD learning rate for the next steps."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One SGD step."""
+        self.optimizer.zero_grad()
+        logits = self.model(torch.from_numpy(inputs))
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))
+        loss.backward()
+        self.optimizer.step()
+        return StepResult(loss.item(), correct_count(logits.detach().numpy(), labels))
+
+    def gradients(self, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, TensorDict]:
+        """Loss and adapter gradients of one batch, without a step (for parity checks)."""
+        self.optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            self.model(torch.from_numpy(inputs)), torch.from_numpy(labels)
+        )
+        loss.backward()
+        from protocol.tensors import canonical_key
+
+        grads = {
+            canonical_key(n): p.grad.detach().numpy().copy()
+            for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        self.optimizer.zero_grad()
+        return loss.item(), grads
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """Class scores, no gradient."""
+        with torch.no_grad():
+            return self.model(torch.from_numpy(inputs)).numpy()

@@ -1,0 +1,123 @@
+"""The Trainer interface every backend implements, and the local training/evaluation loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from protocol.manifest import Manifest, load_manifest
+from protocol.tensors import TensorDict
+
+BACKENDS = ("executorch", "onnxruntime", "torch")
+DEFAULT_LEARNING_RATE = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Loss of one batch and how many of its examples were classified correctly."""
+
+    loss: float
+    correct: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """Summary of a device's local training in one round."""
+
+    steps: int
+    samples: int  # examples seen, counting repeats: the FedAvg weight
+    mean_loss: float
+    accuracy: float  # on the training batches, before each step
+
+
+class Trainer(Protocol):
+    """One backend's training program with a mutable adapter. Batches have the manifest's shape."""
+
+    backend: str
+    manifest: Manifest
+
+    def set_adapter(self, adapter: TensorDict) -> None:
+        """Overwrite the adapter (canonical names, manifest shapes)."""
+        ...
+
+    def get_adapter(self) -> TensorDict:
+        """Copy of the current adapter."""
+        ...
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Learning rate of the SGD steps that follow."""
+        ...
+
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One forward/backward/SGD step on one batch."""
+        ...
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """Class scores of one batch, without changing the adapter."""
+        ...
+
+
+def make_trainer(
+    backend: str, artifact_dir: Path, learning_rate: float = DEFAULT_LEARNING_RATE
+) -> Trainer:
+    """Open the artifacts in `artifact_dir` with the named backend."""
+    manifest = load_manifest(artifact_dir)
+    if backend == "executorch":
+        from edge_client.backends.executorch_backend import ExecuTorchTrainer
+
+        return ExecuTorchTrainer(artifact_dir, manifest, learning_rate)
+    if backend == "onnxruntime":
+        from edge_client.backends.ort_backend import OrtTrainer
+
+        return OrtTrainer(artifact_dir, manifest, learning_rate)
+    if backend == "torch":
+        from edge_client.backends.torch_backend import TorchTrainer
+
+        return TorchTrainer(manifest, learning_rate)
+    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+def train_local(
+    trainer: Trainer, inputs: np.ndarray, labels: np.ndarray, steps: int, rng: np.random.Generator
+) -> TrainResult:
+    """Run `steps` SGD steps on batches drawn without replacement (reshuffled per pass)."""
+    batch = trainer.manifest.batch_size
+    if len(labels) < batch:
+        raise ValueError(f"{len(labels)} local examples cannot fill one batch of {batch}")
+    order = rng.permutation(len(labels))
+    cursor, losses, correct = 0, [], 0
+    for _ in range(steps):
+        if cursor + batch > len(order):
+            order, cursor = rng.permutation(len(labels)), 0
+        idx = order[cursor : cursor + batch]
+        cursor += batch
+        result = trainer.train_step(inputs[idx], labels[idx])
+        losses.append(result.loss)
+        correct += result.correct
+    return TrainResult(steps, steps * batch, float(np.mean(losses)), correct / (steps * batch))
+
+
+def evaluate_dataset(trainer: Trainer, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole dataset."""
+    batch = trainer.manifest.batch_size
+    logits = []
+    for start in range(0, len(labels), batch):
+        x = inputs[start : start + batch]
+        real = len(x)
+        if real < batch:  # programs have a static batch size: pad, then drop the padded rows
+            x = np.concatenate([x, np.zeros((batch - real, *x.shape[1:]), dtype=x.dtype)])
+        logits.append(trainer.logits(x)[:real])
+    all_logits = np.concatenate(logits).astype(np.float64)
+    # log-softmax, stabilised by subtracting the row maximum
+    shifted = all_logits - all_logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(labels)), labels].mean())
+    return loss, correct_count(all_logits, labels) / len(labels)
+
+
+def correct_count(logits: np.ndarray, labels: np.ndarray) -> int:
+    """How many rows of `logits` pick their label."""
+    return int((np.asarray(logits).argmax(-1) == np.asarray(labels)).sum())

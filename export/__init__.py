@@ -1,0 +1,1 @@
+"""Export LoRA-wrapped models into on-device training programs (ExecuTorch, ONNX Runtime)."""

@@ -1,0 +1,1 @@
+"""Wire contract shared by devices and the aggregator: topics, messages, codec, manifest."""

@@ -1,0 +1,46 @@
+"""MQTT topic names: the only place topic strings are built or parsed."""
+
+from __future__ import annotations
+
+# Version in the root so a v2 protocol can run beside v1 on the same broker.
+ROOT = "fl/v1"
+
+
+def _check_segment(value: str, what: str) -> str:
+    if not value or any(c in value for c in "/+#\0"):
+        raise ValueError(f"{what} {value!r} must be non-empty and free of '/', '+', '#'")
+    return value
+
+
+def global_topic(federation: str) -> str:
+    """Retained: the current global adapter and the round it opens."""
+    return f"{ROOT}/{_check_segment(federation, 'federation')}/global"
+
+
+def update_topic(federation: str, device_id: str) -> str:
+    """A device's update for the open round (device -> aggregator, QoS 1)."""
+    return (
+        f"{ROOT}/{_check_segment(federation, 'federation')}/update/"
+        f"{_check_segment(device_id, 'device id')}"
+    )
+
+
+def update_filter(federation: str) -> str:
+    """Subscription filter matching every device's update topic."""
+    return f"{ROOT}/{_check_segment(federation, 'federation')}/update/+"
+
+
+def status_topic(federation: str, device_id: str) -> str:
+    """Retained: a device's online/offline status (offline is its MQTT last will)."""
+    return (
+        f"{ROOT}/{_check_segment(federation, 'federation')}/status/"
+        f"{_check_segment(device_id, 'device id')}"
+    )
+
+
+def parse_device_topic(topic: str) -> tuple[str, str, str]:
+    """Split an update or status topic into (federation, kind, device id)."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[3] not in ("update", "status"):
+        raise ValueError(f"not a device topic: {topic!r}")
+    return parts[2], parts[3], parts[4]

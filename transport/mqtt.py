@@ -1,0 +1,166 @@
+"""Paho-MQTT 2.x client wrapper: reconnect, resubscribe on connect, a bounded inbox queue."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+logger = logging.getLogger(__name__)
+
+ACK_TIMEOUT_S = 30.0  # a broker on a loaded 2-core gateway can take seconds to ack a large publish
+CONNECT_TIMEOUT_S = 15.0
+INBOX_SIZE = 10_000  # messages kept for the consumer; beyond this, drop and log (never block paho)
+KEEPALIVE_S = 30
+
+
+class TransportError(RuntimeError):
+    """The broker could not be reached or did not acknowledge in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received MQTT message, detached from paho's types."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+class MqttTransport:
+    """One MQTT v5 connection. Callbacks only enqueue; consumers call `receive()` on their thread.
+
+    Subscriptions are remembered and renewed in `on_connect`, so they survive reconnects (paho
+    reconnects by itself with backoff between `reconnect_delay_set` bounds).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        will: tuple[str, bytes] | None = None,
+        persistent_session: bool = False,
+        session_expiry_s: int = 3600,
+        username: str | None = None,
+        password: str | None = None,
+        mqtt_version: int = 5,
+    ) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self._persistent = persistent_session
+        self._session_expiry_s = session_expiry_s
+        self._v5 = mqtt_version == 5
+        if self._v5:
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            )
+        else:  # MQTT 3.1.1, for brokers without v5 (the embedded fallback)
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                clean_session=not persistent_session,
+            )
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=INBOX_SIZE)
+        self.bytes_sent = 0
+        self.dropped = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect and start paho's network thread; wait until the broker accepts us."""
+        try:
+            if self._v5:
+                props = Properties(PacketTypes.CONNECT)
+                if self._persistent:
+                    props.SessionExpiryInterval = self._session_expiry_s
+                self._client.connect(
+                    self.host, self.port, keepalive=KEEPALIVE_S,
+                    clean_start=not self._persistent, properties=props,
+                )
+            else:
+                self._client.connect(self.host, self.port, keepalive=KEEPALIVE_S)
+        except OSError as exc:
+            raise TransportError(f"cannot reach broker {self.host}:{self.port}: {exc}") from exc
+        self._client.loop_start()
+        if not self._connected.wait(CONNECT_TIMEOUT_S):
+            self._client.loop_stop()
+            raise TransportError(f"broker {self.host}:{self.port} did not accept {self.client_id}")
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up right now."""
+        return self._connected.is_set()
+
+    # -- messaging -------------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now and after every reconnect."""
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish and, for QoS >= 1, wait for the broker's ack."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if qos > 0:
+            try:
+                info.wait_for_publish(timeout=ACK_TIMEOUT_S)
+            except (RuntimeError, ValueError) as exc:
+                raise TransportError(f"publish to {topic} failed: {exc}") from exc
+            if not info.is_published():
+                raise TransportError(f"no ack for publish to {topic} within {ACK_TIMEOUT_S}s")
+        self.bytes_sent += len(payload)
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """Next received message, or None after `timeout` seconds."""
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # -- paho callbacks (network thread: never block here) --------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            logger.warning("%s: broker refused connection: %s", self.client_id, reason_code)
+            return
+        logger.debug("%s connected to %s:%s", self.client_id, self.host, self.port)
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        for topic_filter, qos in subs:
+            client.subscribe(topic_filter, qos=qos)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self._connected.clear()
+        if reason_code != 0:
+            logger.warning("%s lost the broker (%s); paho reconnects", self.client_id, reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        try:
+            self.inbox.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        except queue.Full:
+            self.dropped += 1
+            logger.error("%s inbox full: dropped a message on %s", self.client_id, msg.topic)
