@@ -38,6 +38,11 @@ def status_topic(federation: str, device_id: str) -> str:
     )
 
 
+def status_filter(federation: str) -> str:
+    """Subscription filter matching every device's status topic."""
+    return f"{ROOT}/{_check_segment(federation, 'federation')}/status/+"
+
+
 def parse_device_topic(topic: str) -> tuple[str, str, str]:
     """Split an update or status topic into (federation, kind, device id)."""
     parts = topic.split("/")

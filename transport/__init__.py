@@ -1,1 +1,32 @@
-"""MQTT transport: the only package that imports paho, plus a broker launcher for demos and tests."""
+"""MQTT transport: the only package that imports paho, plus a broker launcher for demos and tests.
+
+`Transport` is the seam the aggregator and devices depend on; importing this package does not
+import paho (only transport.mqtt does).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Received(Protocol):
+    """A received message."""
+
+    topic: str
+    payload: bytes
+
+
+class Transport(Protocol):
+    """Publish, subscribe, and pull received messages from an inbox."""
+
+    bytes_sent: int
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
+
+    def receive(self, timeout: float | None = None) -> Received | None: ...

@@ -1,0 +1,1 @@
+"""Gateway aggregator: round coordinator over MQTT, pure aggregation strategies, durable state."""

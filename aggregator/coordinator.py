@@ -1,0 +1,239 @@
+"""Synchronous round coordinator: publish the global adapter, collect updates, aggregate, repeat."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregator.store import GlobalStore
+from aggregator.strategies import STRATEGIES, WeightedSum, accumulate, weighted_mean
+from protocol import topics
+from protocol.codec import DecodeError, decode_status, decode_update, encode_global
+from protocol.manifest import Manifest
+from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.tensors import TensorDict, check_finite
+from transport import Received, Transport
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often the loop wakes to check the deadline when no message arrives
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    """Round policy. A round closes when `clients_per_round` devices reported, or at the
+    deadline if at least `min_clients` did; below quorum the deadline is extended."""
+
+    federation: str = "demo"
+    rounds: int = 5
+    clients_per_round: int = 3
+    min_clients: int = 2
+    round_deadline_s: float = 120.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: str = "fedavg"
+    allowed_devices: frozenset[str] | None = None  # None: any device id may take part
+
+    def __post_init__(self) -> None:
+        if self.rounds <= 0:
+            raise ValueError("rounds must be positive")
+        if not 1 <= self.min_clients <= self.clients_per_round:
+            raise ValueError("need 1 <= min_clients <= clients_per_round")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """What happened in one round (returned to callers and logged)."""
+
+    round: int
+    devices: tuple[str, ...]
+    samples: int
+    bytes_received: int
+    duration_s: float
+    metrics: dict[str, float]
+
+
+class Rejected(Exception):
+    """An update that fails validation; `reason` is a short stable label for counters."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class Coordinator:
+    """Drives rounds over a Transport. Inject `now` for deterministic tests."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        manifest: Manifest,
+        initial_adapter: TensorDict,
+        transport: Transport,
+        store: GlobalStore,
+        now: Callable[[], float] = time.monotonic,
+        on_round: Callable[[RoundRecord, TensorDict], None] | None = None,
+    ) -> None:
+        manifest.check_adapter(initial_adapter)
+        self.config, self.manifest, self.transport, self.store = config, manifest, transport, store
+        self.now = now
+        self.on_round = on_round
+        self.manifest_sha256 = manifest.sha256
+        self.rejections: Counter[str] = Counter()
+        self.online: set[str] = set()
+        resumed = store.latest()
+        if resumed is not None:
+            self.round, self.adapter, _ = resumed
+            logger.info("resuming federation %s at round %d", config.federation, self.round)
+        else:
+            self.round, self.adapter = 0, initial_adapter
+        self._reset_round()
+
+    # -- round state -----------------------------------------------------------------------
+    def _reset_round(self) -> None:
+        self._sum: WeightedSum | None = None
+        self._reported: dict[str, str] = {}  # device id -> update id accepted this round
+        self._seen_update_ids: set[str] = set()
+        self._metric_sums: Counter[str] = Counter()
+        self._bytes = 0
+        self._opened = self.now()
+        self._deadline = self._opened + self.config.round_deadline_s
+
+    def _publish_global(self, final: bool = False) -> None:
+        message = GlobalModel(
+            self.config.federation, self.round, self.manifest_sha256, self.adapter,
+            self.config.train, final,
+        )
+        self.transport.publish(
+            topics.global_topic(self.config.federation), encode_global(message), qos=1, retain=True
+        )
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self, topic: str, payload: bytes) -> Update:
+        """Decode and check one update; raise Rejected with the reason. Never mutates state."""
+        try:
+            federation, _, device_id = topics.parse_device_topic(topic)
+            update = decode_update(payload)
+        except (DecodeError, ValueError) as exc:
+            raise Rejected("malformed", str(exc)) from exc
+        if update.federation != self.config.federation or federation != update.federation:
+            raise Rejected("federation", f"update for {update.federation!r}")
+        if update.device_id != device_id:
+            raise Rejected("device-mismatch", f"{update.device_id!r} sent on {device_id!r}'s topic")
+        allowed = self.config.allowed_devices
+        if allowed is not None and device_id not in allowed:
+            raise Rejected("unknown-device", device_id)
+        if update.manifest_sha256 != self.manifest_sha256:
+            raise Rejected("manifest", f"{device_id} trains another model version")
+        if update.update_id in self._seen_update_ids:
+            raise Rejected("duplicate", f"update {update.update_id} already counted")
+        if update.round < self.round:
+            raise Rejected("stale-round", f"{device_id} sent round {update.round} in {self.round}")
+        if update.round > self.round:
+            raise Rejected("future-round", f"{device_id} sent round {update.round} in {self.round}")
+        if device_id in self._reported:
+            raise Rejected("duplicate-device", f"{device_id} already reported round {self.round}")
+        try:
+            self.manifest.check_adapter(update.adapter)
+            check_finite(update.adapter)
+        except ValueError as exc:
+            raise Rejected("tensors", str(exc)) from exc
+        return update
+
+    def handle(self, message: Received) -> None:
+        """Process one received message: status, accepted update, or logged rejection."""
+        if "/status/" in message.topic:
+            try:
+                device_id, online = decode_status(message.payload)
+            except DecodeError as exc:
+                logger.warning("ignored status on %s: %s", message.topic, exc)
+                return
+            (self.online.add if online else self.online.discard)(device_id)
+            return
+        try:
+            update = self.validate(message.topic, message.payload)
+        except Rejected as exc:
+            self.rejections[exc.reason] += 1
+            # Redelivered duplicates are expected with QoS 1: not worth a warning.
+            log = logger.debug if exc.reason == "duplicate" else logger.warning
+            log("rejected update on %s: %s", message.topic, exc)
+            return
+        self._sum = accumulate(self._sum, update.adapter, float(update.num_samples))
+        self._reported[update.device_id] = update.update_id
+        self._seen_update_ids.add(update.update_id)
+        for name, value in update.metrics.items():
+            self._metric_sums[name] += value * update.num_samples
+        self._bytes += len(message.payload)
+        logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, update.device_id,
+                    update.num_samples, len(self._reported), self.config.clients_per_round)
+
+    # -- main loop -------------------------------------------------------------------------
+    def _round_ready(self) -> bool:
+        reported = len(self._reported)
+        if reported >= self.config.clients_per_round:
+            return True
+        if self.now() < self._deadline:
+            return False
+        if reported >= self.config.min_clients:
+            logger.info("round %d: deadline passed with %d updates", self.round, reported)
+            return True
+        logger.warning("round %d: deadline passed with %d < %d updates; extending", self.round,
+                       reported, self.config.min_clients)
+        self._deadline = self.now() + self.config.round_deadline_s
+        return False
+
+    def _close_round(self) -> RoundRecord:
+        assert self._sum is not None
+        weight = self._sum.weight
+        self.adapter = weighted_mean(self._sum)
+        record = RoundRecord(
+            round=self.round, devices=tuple(sorted(self._reported)), samples=int(weight),
+            bytes_received=self._bytes, duration_s=self.now() - self._opened,
+            metrics={k: v / weight for k, v in self._metric_sums.items()},
+        )
+        self.round += 1
+        self.store.save(self.round, self.adapter, {"closed": record.devices})
+        self._reset_round()
+        return record
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
+        """Run until `config.rounds` rounds are aggregated (or `stop()` is true)."""
+        self.transport.subscribe(topics.update_filter(self.config.federation), qos=1)
+        self.transport.subscribe(topics.status_filter(self.config.federation), qos=1)
+        records: list[RoundRecord] = []
+        if self.round >= self.config.rounds:
+            self._publish_global(final=True)
+            return records
+        if self.store.latest() is None:
+            self.store.save(self.round, self.adapter, {"closed": []})
+        self._publish_global()
+        logger.info("round %d open", self.round)
+        while not stop():
+            message = self.transport.receive(timeout=POLL_S)
+            if message is not None:
+                self.handle(message)
+            if not self._round_ready():
+                continue
+            record = self._close_round()
+            records.append(record)
+            logger.info("round %d closed: %d devices, %d samples, %d bytes in %.1fs",
+                        record.round, len(record.devices), record.samples,
+                        record.bytes_received, record.duration_s)
+            final = self.round >= self.config.rounds
+            self._publish_global(final=final)
+            if self.on_round is not None:
+                self.on_round(record, self.adapter)
+            if final:
+                break
+        return records
+
+
+def adapter_distance(a: TensorDict, b: TensorDict) -> float:
+    """L2 distance between two adapters (for logs and tests)."""
+    return float(np.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a)))

@@ -1,0 +1,84 @@
+"""Aggregation strategies: pure functions over named tensors (no I/O, no clocks, no globals).
+
+FLORA (Nguyen et al., arXiv 2404.15182) aggregates LoRA by FedAvg weighted by client sample
+counts, averaging A and B separately (FedIT-style) -- which is *not* the average of the products
+B·A; the exact-aggregation strategy corrects that with a residual.
+
+Every FedAvg-style strategy is built on WeightedSum, which can be merged, so partial aggregates
+from several gateway workers combine exactly (device -> gateway -> upstream aggregator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.tensors import TensorDict
+
+WeightedAdapter = tuple[TensorDict, float]
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedSum:
+    """Σ w_k·x_k per tensor (float64, so long sums do not drift) and Σ w_k."""
+
+    sums: dict[str, np.ndarray]
+    weight: float
+    count: int
+
+
+def accumulate(acc: WeightedSum | None, adapter: TensorDict, weight: float) -> WeightedSum:
+    """Return acc + weight·adapter (a new WeightedSum; the inputs are not modified)."""
+    if not weight > 0:
+        raise ValueError(f"aggregation weight must be positive, got {weight}")
+    if acc is None:
+        return WeightedSum({k: v.astype(np.float64) * weight for k, v in adapter.items()},
+                           float(weight), 1)
+    _check_same_keys(acc.sums, adapter)
+    return WeightedSum(
+        {k: acc.sums[k] + adapter[k].astype(np.float64) * weight for k in acc.sums},
+        acc.weight + float(weight), acc.count + 1,
+    )
+
+
+def merge(a: WeightedSum, b: WeightedSum) -> WeightedSum:
+    """Combine two partial sums, as an upstream aggregator does with its gateways' results."""
+    _check_same_keys(a.sums, b.sums)
+    return WeightedSum({k: a.sums[k] + b.sums[k] for k in a.sums}, a.weight + b.weight,
+                       a.count + b.count)
+
+
+def weighted_mean(acc: WeightedSum) -> TensorDict:
+    """Σ w_k·x_k / Σ w_k, as float32."""
+    return {k: (v / acc.weight).astype(np.float32) for k, v in acc.sums.items()}
+
+
+def fedavg(updates: Sequence[WeightedAdapter]) -> TensorDict:
+    """FLORA / FedAvg: average each tensor weighted by the clients' sample counts.
+
+    Note: averages LoRA A and B factors independently, not their product.
+
+    Raises:
+        ValueError: no updates, a non-positive weight, or differing tensor names/shapes.
+    """
+    if not updates:
+        raise ValueError("fedavg needs at least one update")
+    acc: WeightedSum | None = None
+    for adapter, weight in updates:
+        acc = accumulate(acc, adapter, weight)
+    assert acc is not None
+    return weighted_mean(acc)
+
+
+def _check_same_keys(a: dict[str, np.ndarray], b: TensorDict) -> None:
+    if set(a) != set(b):
+        raise ValueError(f"tensor names differ: {sorted(set(a) ^ set(b))}")
+    for key in a:
+        if a[key].shape != b[key].shape:
+            raise ValueError(f"tensor {key!r}: shape {b[key].shape} != {a[key].shape}")
+
+
+Strategy = Callable[[Sequence[WeightedAdapter]], TensorDict]
+STRATEGIES: dict[str, Strategy] = {"fedavg": fedavg}

@@ -1,0 +1,149 @@
+"""Device agent: wait for the global adapter, train locally, publish the update, repeat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.trainer import Trainer, train_local
+from protocol import topics
+from protocol.codec import DecodeError, decode_global, encode_status, encode_update
+from protocol.messages import GlobalModel, Update
+from transport import Transport
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.5
+
+
+@dataclass
+class DeviceState:
+    """What a device must remember across restarts: the last round it reported."""
+
+    last_round: int = -1
+
+    @classmethod
+    def load(cls, path: Path | None) -> DeviceState:
+        """Read the state file, or start fresh."""
+        if path is None or not path.exists():
+            return cls()
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, path: Path | None) -> None:
+        """Write atomically, so a crash mid-write keeps the previous state."""
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"last_round": self.last_round}))
+        tmp.replace(path)
+
+
+class DeviceAgent:
+    """One emulated or real device. `run()` blocks until the federation's final message."""
+
+    def __init__(
+        self,
+        device_id: str,
+        federation: str,
+        trainer: Trainer,
+        inputs: np.ndarray,
+        labels: np.ndarray,
+        transport: Transport,
+        state_dir: Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.device_id, self.federation, self.trainer = device_id, federation, trainer
+        self.inputs, self.labels, self.transport = inputs, labels, transport
+        self.state_path = Path(state_dir) / f"{device_id}.json" if state_dir else None
+        self.state = DeviceState.load(self.state_path)
+        self.rng = np.random.default_rng(seed)
+        self.rounds_trained = 0
+
+    @staticmethod
+    def will(federation: str, device_id: str) -> tuple[str, bytes]:
+        """The MQTT last will the transport must register before connecting."""
+        return topics.status_topic(federation, device_id), encode_status(False, device_id)
+
+    def _latest_global(self) -> GlobalModel | None:
+        """Newest decodable global message waiting in the inbox (older ones are superseded)."""
+        latest: GlobalModel | None = None
+        while True:
+            message = self.transport.receive(timeout=0 if latest else POLL_S)
+            if message is None:
+                return latest
+            try:
+                candidate = decode_global(message.payload)
+            except DecodeError as exc:
+                logger.warning("%s: ignored malformed global message: %s", self.device_id, exc)
+                continue
+            if latest is None or candidate.round >= latest.round:
+                latest = candidate
+
+    def handle_global(self, message: GlobalModel) -> Update | None:
+        """Train on one global message; return the update (None if there is nothing to do)."""
+        if message.manifest_sha256 != self.trainer.manifest.sha256:
+            logger.error("%s: global adapter is for another model version (%s); skipping",
+                         self.device_id, message.manifest_sha256[:12])
+            return None
+        if message.final or message.round <= self.state.last_round:
+            return None
+        self.trainer.set_adapter(message.adapter)
+        self.trainer.set_learning_rate(message.train.learning_rate)
+        result = train_local(self.trainer, self.inputs, self.labels,
+                             message.train.local_steps, self.rng)
+        return Update(
+            federation=self.federation, round=message.round, device_id=self.device_id,
+            manifest_sha256=self.trainer.manifest.sha256, num_samples=result.samples,
+            update_id=f"{self.device_id}-{message.round}-{uuid.uuid4().hex[:12]}",
+            adapter=self.trainer.get_adapter(),
+            metrics={"train_loss": result.mean_loss, "train_accuracy": result.accuracy},
+        )
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Connect, announce, and serve rounds until the final global message; return rounds."""
+        stop = stop or threading.Event()
+        self.transport.start()
+        self.transport.subscribe(topics.global_topic(self.federation), qos=1)
+        self.transport.publish(topics.status_topic(self.federation, self.device_id),
+                               encode_status(True, self.device_id), qos=1, retain=True)
+        try:
+            while not stop.is_set():
+                message = self._latest_global()
+                if message is None:
+                    continue
+                if message.final:
+                    logger.info("%s: federation finished at round %d", self.device_id,
+                                message.round)
+                    break
+                update = self.handle_global(message)
+                if update is None:
+                    continue
+                self.transport.publish(topics.update_topic(self.federation, self.device_id),
+                                       encode_update(update), qos=1)
+                self.state.last_round = update.round
+                self.state.save(self.state_path)
+                self.rounds_trained += 1
+                logger.info("%s (%s): sent round %d update, loss %.3f", self.device_id,
+                            self.trainer.backend, update.round, update.metrics["train_loss"])
+        finally:
+            # Clean shutdown: say offline ourselves (the will only fires on a lost connection).
+            try:
+                self.transport.publish(topics.status_topic(self.federation, self.device_id),
+                                       encode_status(False, self.device_id), qos=1, retain=True)
+            except Exception as exc:  # broker already gone: the will covers it
+                logger.debug("%s: could not publish offline status: %s", self.device_id, exc)
+            self.transport.stop()
+        return self.rounds_trained
+
+
+def device_seed(device_id: str) -> int:
+    """Stable per-device seed (Python's hash() is salted per process)."""
+    return zlib.crc32(device_id.encode())

@@ -1,0 +1,1 @@
+"""Command line and demo of the edge federated LoRA system."""

