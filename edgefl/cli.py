@@ -27,7 +27,10 @@ def _quiet_third_party() -> None:
 def _artifacts(args: argparse.Namespace) -> Path:
     if args.artifacts:
         return Path(args.artifacts)
-    from export.build import build_artifacts
+    try:
+        from export.build import build_artifacts
+    except ImportError as exc:  # the gateway image installs no torch
+        raise SystemExit(f"--artifacts is required here ({exc}); copy an exported folder") from exc
 
     return build_artifacts(args.workload)
 
@@ -48,7 +51,6 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
     from aggregator.coordinator import AggregatorConfig, Coordinator
     from aggregator.store import GlobalStore
-    from export.build import ADAPTER_INIT_FILE
     from protocol.manifest import load_manifest
     from protocol.messages import TrainConfig
     from transport.mqtt import MqttTransport
@@ -62,8 +64,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     transport = MqttTransport(args.host, args.port, f"aggregator-{args.federation}",
                               persistent_session=True)
     transport.start()
-    coordinator = Coordinator(config, load_manifest(artifacts),
-                              load_file(str(artifacts / ADAPTER_INIT_FILE)), transport,
+    manifest = load_manifest(artifacts)
+    coordinator = Coordinator(config, manifest,
+                              load_file(str(artifacts / manifest.files["adapter_init"])), transport,
                               GlobalStore(Path(args.state_dir) / args.federation))
     try:
         for record in coordinator.run():
@@ -108,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
     from edge_client.trainer import BACKENDS
-    from workloads.base import WORKLOAD_NAMES
+    from workloads import WORKLOAD_NAMES
 
     parser = argparse.ArgumentParser(prog="edgefl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

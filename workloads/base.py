@@ -10,6 +10,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from workloads import WORKLOAD_NAMES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,5 +70,3 @@ def get_workload(name: str) -> Workload:
         return MiniLmFortunes()
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOAD_NAMES}")
 
-
-WORKLOAD_NAMES = ("fmnist-cnn", "minilm-fortunes")

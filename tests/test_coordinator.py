@@ -1,0 +1,147 @@
+"""The aggregator against a real Mosquitto: bad updates are rejected and logged, never counted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from aggregator.coordinator import AggregatorConfig, Coordinator
+from aggregator.store import GlobalStore
+from aggregator.strategies import fedavg
+from export.build import ADAPTER_INIT_FILE
+from protocol import codec, topics
+from protocol.manifest import load_manifest
+from protocol.messages import Update
+from transport.broker import Broker
+from transport.mqtt import MqttTransport
+
+FED = "fed-test"
+START_ROUND = 3  # the store is pre-seeded so the coordinator resumes here
+
+
+def _adapter_like(initial: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()}
+
+
+def test_rejects_bad_updates_and_averages_good_ones(
+    mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a coordinator resumed at round 3, waiting for 2 devices
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / ADAPTER_INIT_FILE))
+    store = GlobalStore(tmp_path / "agg")
+    store.save(START_ROUND, initial, {})
+    config = AggregatorConfig(federation=FED, rounds=START_ROUND + 1, clients_per_round=2,
+                              min_clients=2, round_deadline_s=60,
+                              allowed_devices=frozenset({"dev-a", "dev-b", "dev-c"}))
+    agg = MqttTransport(mosquitto.host, mosquitto.port, "agg")
+    agg.start()
+    coordinator = Coordinator(config, manifest, initial, agg, store)
+    assert coordinator.round == START_ROUND
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+
+    device = MqttTransport(mosquitto.host, mosquitto.port, "test-device")
+    device.start()
+    watcher = MqttTransport(mosquitto.host, mosquitto.port, "watcher")
+    watcher.start()
+    watcher.subscribe(topics.global_topic(FED))
+
+    def update(device_id: str, adapter: dict[str, np.ndarray], **kw: object) -> Update:
+        fields: dict[str, object] = dict(
+            federation=FED, round=START_ROUND, device_id=device_id,
+            manifest_sha256=manifest.sha256, num_samples=100, update_id=uuid.uuid4().hex,
+            adapter=adapter)
+        fields.update(kw)
+        return Update(**fields)  # type: ignore[arg-type]
+
+    def send(device_id: str, payload: bytes) -> None:
+        device.publish(topics.update_topic(FED, device_id), payload, qos=1)
+
+    good_a, good_b = _adapter_like(initial, 1), _adapter_like(initial, 2)
+    nan = _adapter_like(initial, 3)
+    nan["head.bias"][0] = np.nan
+    wrong_shape = _adapter_like(initial, 4)
+    wrong_shape["head.weight"] = np.zeros((3, 3), np.float32)
+    first_a = update("dev-a", good_a, num_samples=100)
+    bad = {
+        "malformed": b"\x00garbage",
+        "manifest": codec.encode_update(update("dev-c", good_a, manifest_sha256="0" * 64)),
+        "tensors": codec.encode_update(update("dev-c", nan)),
+        "stale-round": codec.encode_update(update("dev-c", good_a, round=START_ROUND - 1)),
+        "future-round": codec.encode_update(update("dev-c", good_a, round=START_ROUND + 1)),
+        "federation": codec.encode_update(update("dev-c", good_a, federation="other")),
+        "unknown-device": codec.encode_update(update("intruder", good_a)),
+    }
+    # Execute: everything goes out in one ordered stream, then the coordinator runs
+    thread.start()
+    assert watcher.receive(10) is not None  # round 3 opened
+    for reason, payload in bad.items():
+        send("intruder" if reason == "unknown-device" else "dev-c", payload)
+    send("dev-b", codec.encode_update(update("dev-c", good_a)))  # dev-c posing as dev-b
+    send("dev-c", codec.encode_update(update("dev-c", wrong_shape)))
+    send("dev-a", codec.encode_update(first_a))
+    send("dev-a", codec.encode_update(first_a))  # QoS 1 redelivery: same update id
+    send("dev-a", codec.encode_update(update("dev-a", good_b)))  # second update, same round
+    send("dev-b", codec.encode_update(update("dev-b", good_b, num_samples=300)))
+    thread.join(30)
+
+    # Assert: one rejection per bad message, and the global is FedAvg of the two good updates
+    assert not thread.is_alive()
+    assert dict(coordinator.rejections) == {
+        "malformed": 1, "manifest": 1, "tensors": 2, "stale-round": 1, "future-round": 1,
+        "federation": 1, "unknown-device": 1, "device-mismatch": 1, "duplicate": 1,
+        "duplicate-device": 1,
+    }
+    assert any("rejected update" in r.message and "NaN" in r.message for r in caplog.records
+               if r.levelno >= logging.WARNING)
+    expected = fedavg([(good_a, 100.0), (good_b, 300.0)])
+    final = None
+    while (message := watcher.receive(5)) is not None:
+        final = codec.decode_global(message.payload)
+        if final.final:
+            break
+    assert final is not None and final.final and final.round == START_ROUND + 1
+    for name in expected:
+        np.testing.assert_allclose(final.adapter[name], expected[name], rtol=1e-6, atol=1e-7)
+    resumed = store.latest()
+    assert resumed is not None and resumed[0] == START_ROUND + 1
+    np.testing.assert_allclose(resumed[1]["head.weight"], expected["head.weight"], rtol=1e-6)
+    for transport in (agg, device, watcher):
+        transport.stop()
+
+
+def test_deadline_closes_round_with_quorum(mosquitto: Broker, cnn_artifacts: Path,
+                                           tmp_path: Path) -> None:
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / ADAPTER_INIT_FILE))
+    clock = [0.0]
+    config = AggregatorConfig(federation=FED, rounds=1, clients_per_round=3, min_clients=1,
+                              round_deadline_s=10)
+    agg = MqttTransport(mosquitto.host, mosquitto.port, "agg-deadline")
+    agg.start()
+    coordinator = Coordinator(config, manifest, initial, agg, GlobalStore(tmp_path),
+                              now=lambda: clock[0])
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    device = MqttTransport(mosquitto.host, mosquitto.port, "dev-only")
+    device.start()
+    adapter = _adapter_like(initial, 7)
+    device.publish(topics.update_topic(FED, "dev-only"), codec.encode_update(Update(
+        FED, 0, "dev-only", manifest.sha256, 50, "u1", adapter)), qos=1)
+    thread.join(2)
+    assert thread.is_alive(), "one of three devices must not close the round before the deadline"
+    clock[0] = 11.0
+    thread.join(10)
+    assert not thread.is_alive()
+    latest = GlobalStore(tmp_path).latest()
+    assert latest is not None and latest[0] == 1
+    np.testing.assert_allclose(latest[1]["head.bias"], adapter["head.bias"], rtol=1e-6)
+    agg.stop()
+    device.stop()
