@@ -13,9 +13,9 @@ CATEGORIES = ("computers", "politics", "science", "work")
 SPLIT_SEED = 20240
 TEST_FRACTION = 0.2
 
-# Some quotes underline or embolden text the way line printers did: "_\bX", "X\bX", or "___\b\b\bword"
-# (a run of backspaces). Backspaces are noise for a tokenizer, so each one is dropped together
-# with the character it erases, keeping the character printed over it.
+# Some quotes underline or embolden text the way line printers did: "_\bX", "X\bX", or
+# "___\b\b\bword" (a run of backspaces). Backspaces are noise for a tokenizer, so each one is
+# dropped together with the character it erases, keeping the character printed over it.
 _OVERSTRIKE = re.compile(r"[^\x08\n]\x08")
 # A quote ends at a line holding only "%" (the strfile format the fortune program reads).
 _SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)
