@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.store import GlobalStore
-from aggregator.strategies import STRATEGIES, WeightedSum, accumulate, weighted_mean
+from aggregator.store import GlobalStore, OpenRound
+from aggregator.strategies import STRATEGIES, accumulate, weighted_mean
 from protocol import topics
 from protocol.codec import DecodeError, decode_status, decode_update, encode_global
 from protocol.manifest import Manifest
@@ -93,15 +93,15 @@ class Coordinator:
             logger.info("resuming federation %s at round %d", config.federation, self.round)
         else:
             self.round, self.adapter = 0, initial_adapter
-        self._reset_round()
+            store.save(0, initial_adapter, {"closed": []})
+        self.open = store.open_round() or OpenRound(self.round)
+        if self.open.reported:
+            logger.info("round %d: %d updates already accepted before the restart",
+                        self.round, len(self.open.reported))
+        self._start_clock()
 
     # -- round state -----------------------------------------------------------------------
-    def _reset_round(self) -> None:
-        self._sum: WeightedSum | None = None
-        self._reported: dict[str, str] = {}  # device id -> update id accepted this round
-        self._seen_update_ids: set[str] = set()
-        self._metric_sums: Counter[str] = Counter()
-        self._bytes = 0
+    def _start_clock(self) -> None:
         self._opened = self.now()
         self._deadline = self._opened + self.config.round_deadline_s
 
@@ -131,13 +131,13 @@ class Coordinator:
             raise Rejected("unknown-device", device_id)
         if update.manifest_sha256 != self.manifest_sha256:
             raise Rejected("manifest", f"{device_id} trains another model version")
-        if update.update_id in self._seen_update_ids:
+        if self.store.is_accepted(update.update_id):
             raise Rejected("duplicate", f"update {update.update_id} already counted")
         if update.round < self.round:
             raise Rejected("stale-round", f"{device_id} sent round {update.round} in {self.round}")
         if update.round > self.round:
             raise Rejected("future-round", f"{device_id} sent round {update.round} in {self.round}")
-        if device_id in self._reported:
+        if device_id in self.open.reported:
             raise Rejected("duplicate-device", f"{device_id} already reported round {self.round}")
         try:
             self.manifest.check_adapter(update.adapter)
@@ -164,18 +164,21 @@ class Coordinator:
             log = logger.debug if exc.reason == "duplicate" else logger.warning
             log("rejected update on %s: %s", message.topic, exc)
             return
-        self._sum = accumulate(self._sum, update.adapter, float(update.num_samples))
-        self._reported[update.device_id] = update.update_id
-        self._seen_update_ids.add(update.update_id)
+        state = self.open
+        state.sums = accumulate(state.sums, update.adapter, float(update.num_samples))
+        state.reported[update.device_id] = update.update_id
         for name, value in update.metrics.items():
-            self._metric_sums[name] += value * update.num_samples
-        self._bytes += len(message.payload)
+            state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value * update.num_samples
+        state.bytes += len(message.payload)
+        # Durable before the MQTT ack: a crash from here on makes the broker redeliver, and
+        # the accepted-id table then drops the copy.
+        self.store.accept(update.update_id, update.device_id, update.num_samples, state)
         logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, update.device_id,
-                    update.num_samples, len(self._reported), self.config.clients_per_round)
+                    update.num_samples, len(state.reported), self.config.clients_per_round)
 
     # -- main loop -------------------------------------------------------------------------
     def _round_ready(self) -> bool:
-        reported = len(self._reported)
+        reported = len(self.open.reported)
         if reported >= self.config.clients_per_round:
             return True
         if self.now() < self._deadline:
@@ -189,17 +192,19 @@ class Coordinator:
         return False
 
     def _close_round(self) -> RoundRecord:
-        assert self._sum is not None
-        weight = self._sum.weight
-        self.adapter = weighted_mean(self._sum)
+        state = self.open
+        assert state.sums is not None
+        weight = state.sums.weight
+        self.adapter = weighted_mean(state.sums)
         record = RoundRecord(
-            round=self.round, devices=tuple(sorted(self._reported)), samples=int(weight),
-            bytes_received=self._bytes, duration_s=self.now() - self._opened,
-            metrics={k: v / weight for k, v in self._metric_sums.items()},
+            round=self.round, devices=tuple(sorted(state.reported)), samples=int(weight),
+            bytes_received=state.bytes, duration_s=self.now() - self._opened,
+            metrics={k: v / weight for k, v in state.metric_sums.items()},
         )
         self.round += 1
-        self.store.save(self.round, self.adapter, {"closed": record.devices})
-        self._reset_round()
+        self.store.save(self.round, self.adapter, {"closed": list(record.devices)})
+        self.open = OpenRound(self.round)
+        self._start_clock()
         return record
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
@@ -210,14 +215,13 @@ class Coordinator:
         if self.round >= self.config.rounds:
             self._publish_global(final=True)
             return records
-        if self.store.latest() is None:
-            self.store.save(self.round, self.adapter, {"closed": []})
         self._publish_global()
         logger.info("round %d open", self.round)
         while not stop():
             message = self.transport.receive(timeout=POLL_S)
             if message is not None:
                 self.handle(message)
+                self.transport.ack(message)
             if not self._round_ready():
                 continue
             record = self._close_round()

@@ -1,54 +1,147 @@
-"""Durable aggregator state: every global adapter it published, written atomically."""
+"""Durable aggregator state in SQLite (WAL): globals, the open round's running sum, accepted ids.
+
+Each accepted update is committed in one transaction (its id, device and the new running sum)
+before its MQTT delivery is acknowledged, so after a crash at any point the broker redelivers
+exactly the updates that are not yet counted, and the id table drops any it sees again.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.numpy import load_file, save_file
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
 
+from aggregator.strategies import WeightedSum
 from protocol.tensors import TensorDict
+
+DB_FILE = "aggregator.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS globals (
+    round INTEGER PRIMARY KEY, adapter BLOB NOT NULL, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS open_round (
+    id INTEGER PRIMARY KEY CHECK (id = 0), round INTEGER NOT NULL, sums BLOB, weight REAL,
+    count INTEGER, metric_sums TEXT NOT NULL, bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS accepted (
+    update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, device_id TEXT NOT NULL,
+    num_samples INTEGER NOT NULL);
+"""
+
+
+@dataclass
+class OpenRound:
+    """The round being collected: its running weighted sum and who has reported."""
+
+    round: int
+    sums: WeightedSum | None = None
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+    reported: dict[str, str] = field(default_factory=dict)  # device id -> update id
 
 
 class GlobalStore:
-    """`round-NNNNN.safetensors` per published global plus `state.json` naming the latest.
-
-    Writes go to a temporary file, are fsynced, then renamed: after a crash the folder holds
-    either the old or the new state, never a torn file.
-    """
+    """SQLite file `aggregator.sqlite` in `folder`; one writer (the coordinator)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.folder / DB_FILE, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed update survives power loss
+        self.db.executescript(_SCHEMA)
 
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    # -- globals ---------------------------------------------------------------------------
     def save(self, round_number: int, adapter: TensorDict, info: dict[str, object]) -> None:
-        """Persist the global adapter that opens `round_number`, then mark it the latest."""
-        path = self.folder / f"round-{round_number:05d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(adapter, str(tmp), metadata={"round": str(round_number)})
-        _fsync_replace(tmp, path)
-        state = self.folder / "state.json"
-        tmp_state = state.with_suffix(".tmp")
-        tmp_state.write_text(json.dumps({"round": round_number, **info}, indent=1))
-        _fsync_replace(tmp_state, state)
+        """Persist the global adapter that opens `round_number` and start that round empty."""
+        with self._transaction():
+            self._save_global(round_number, adapter, info)
+
+    def _save_global(self, round_number: int, adapter: TensorDict,
+                     info: dict[str, object]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
+                        (round_number, save_tensors(adapter), json.dumps(info)))
+        self.db.execute("INSERT OR REPLACE INTO open_round VALUES (0, ?, NULL, 0, 0, '{}', 0)",
+                        (round_number,))
 
     def latest(self) -> tuple[int, TensorDict, dict[str, object]] | None:
-        """(round, adapter, info) of the last saved global, or None for a fresh folder."""
-        state = self.folder / "state.json"
-        if not state.exists():
+        """(round, adapter, info) of the newest global, or None for a fresh store."""
+        row = self.db.execute(
+            "SELECT round, adapter, info FROM globals ORDER BY round DESC LIMIT 1").fetchone()
+        if row is None:
             return None
-        info = json.loads(state.read_text())
-        round_number = int(info.pop("round"))
-        adapter = load_file(str(self.folder / f"round-{round_number:05d}.safetensors"))
-        return round_number, adapter, info
+        return int(row[0]), load_tensors(row[1]), json.loads(row[2])
+
+    def global_at(self, round_number: int) -> TensorDict | None:
+        """The global adapter that opened `round_number`, if stored."""
+        row = self.db.execute("SELECT adapter FROM globals WHERE round = ?",
+                              (round_number,)).fetchone()
+        return None if row is None else load_tensors(row[0])
 
     def history(self) -> list[int]:
-        """Rounds whose global adapter is on disk."""
-        return sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("round-*.safetensors"))
+        """Rounds whose global adapter is stored."""
+        return [r for (r,) in self.db.execute("SELECT round FROM globals ORDER BY round")]
+
+    # -- the open round --------------------------------------------------------------------
+    def open_round(self) -> OpenRound | None:
+        """The round being collected, with everything accepted so far."""
+        row = self.db.execute("SELECT round, sums, weight, count, metric_sums, bytes "
+                              "FROM open_round WHERE id = 0").fetchone()
+        if row is None:
+            return None
+        round_number, sums, weight, count, metric_sums, nbytes = row
+        acc = None if sums is None else WeightedSum(load_tensors(sums), float(weight), int(count))
+        reported = dict(self.db.execute(
+            "SELECT device_id, update_id FROM accepted WHERE round = ?", (round_number,)))
+        return OpenRound(int(round_number), acc, json.loads(metric_sums), int(nbytes), reported)
+
+    def accept(self, update_id: str, device_id: str, num_samples: int,
+               state: OpenRound) -> None:
+        """Atomically record one accepted update and the round's new running sum."""
+        assert state.sums is not None
+        sums = save_tensors({k: np.ascontiguousarray(v) for k, v in state.sums.sums.items()})
+        with self._transaction():
+            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?)",
+                            (update_id, state.round, device_id, num_samples))
+            self.db.execute(
+                "UPDATE open_round SET sums = ?, weight = ?, count = ?, metric_sums = ?, "
+                "bytes = ? WHERE id = 0",
+                (sums, state.sums.weight, state.sums.count, json.dumps(state.metric_sums),
+                 state.bytes),
+            )
+
+    def is_accepted(self, update_id: str) -> bool:
+        """Whether an update id was ever counted (in any round)."""
+        return self.db.execute("SELECT 1 FROM accepted WHERE update_id = ?",
+                               (update_id,)).fetchone() is not None
+
+    def accepted_count(self, round_number: int) -> int:
+        """How many updates were accepted in `round_number`."""
+        (count,) = self.db.execute("SELECT COUNT(*) FROM accepted WHERE round = ?",
+                                   (round_number,)).fetchone()
+        return int(count)
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(final)
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

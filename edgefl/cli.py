@@ -61,8 +61,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         min_clients=args.min_clients, round_deadline_s=args.deadline,
         train=TrainConfig(args.local_steps, args.lr), strategy=args.strategy,
     )
+    # Persistent session + manual acks: updates sent while the aggregator is down, or received
+    # but not yet committed when it died, are delivered again when it comes back.
     transport = MqttTransport(args.host, args.port, f"aggregator-{args.federation}",
-                              persistent_session=True)
+                              persistent_session=True, manual_ack=True)
     transport.start()
     manifest = load_manifest(artifacts)
     coordinator = Coordinator(config, manifest,

@@ -127,7 +127,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         )
         run_dir = config.out_dir / federation
         agg_transport = MqttTransport(broker.host, broker.port, f"aggregator-{federation}",
-                                      persistent_session=True, mqtt_version=broker.mqtt_version)
+                                      persistent_session=True, manual_ack=True,
+                                      mqtt_version=broker.mqtt_version)
         agg_transport.start()
         coordinator = Coordinator(agg_config, manifest, initial, agg_transport,
                                   GlobalStore(run_dir / "aggregator"), on_round=on_round)

@@ -14,6 +14,8 @@ class Received(Protocol):
 
     topic: str
     payload: bytes
+    mid: int
+    qos: int
 
 
 class Transport(Protocol):
@@ -30,3 +32,5 @@ class Transport(Protocol):
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
 
     def receive(self, timeout: float | None = None) -> Received | None: ...
+
+    def ack(self, message: Received) -> None: ...
