@@ -1,11 +1,13 @@
-"""Paho-MQTT 2.x client wrapper: reconnect, resubscribe on connect, a bounded inbox queue."""
+"""Paho-MQTT 2.x client wrapper: reconnect, resubscribe on connect, a bounded inbox, TLS."""
 
 from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,12 +27,31 @@ class TransportError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for a TLS connection: the CA that signed the broker, and our client identity.
+
+    `cert` and `key` are optional for brokers that do not ask for client certificates; the
+    gateway's broker does (`edgefl gateway init` writes one pair per device).
+    """
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """One received MQTT message, detached from paho's types."""
 
     topic: str
     payload: bytes
     retain: bool = False
+    mid: int = 0
+    qos: int = 0
 
 
 class MqttTransport:
@@ -52,22 +73,35 @@ class MqttTransport:
         username: str | None = None,
         password: str | None = None,
         mqtt_version: int = 5,
+        tls: TlsFiles | None = None,
+        manual_ack: bool = False,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self._persistent = persistent_session
         self._session_expiry_s = session_expiry_s
         self._v5 = mqtt_version == 5
+        self._manual_ack = manual_ack
         if self._v5:
             self._client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                manual_ack=manual_ack,
             )
         else:  # MQTT 3.1.1, for brokers without v5 (the embedded fallback)
             self._client = mqtt.Client(
                 CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                clean_session=not persistent_session,
+                clean_session=not persistent_session, manual_ack=manual_ack,
             )
         if username is not None:
             self._client.username_pw_set(username, password)
+        if tls is not None:
+            # CERT_REQUIRED plus paho's default hostname check: the broker must present a
+            # certificate from our CA whose SAN names `host`, or the connection fails.
+            self._client.tls_set(
+                ca_certs=str(tls.ca),
+                certfile=None if tls.cert is None else str(tls.cert),
+                keyfile=None if tls.key is None else str(tls.key),
+                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -134,6 +168,15 @@ class MqttTransport:
                 raise TransportError(f"no ack for publish to {topic} within {ACK_TIMEOUT_S}s")
         self.bytes_sent += len(payload)
 
+    def ack(self, message: Message) -> None:
+        """Acknowledge a QoS >= 1 message (only with manual_ack=True).
+
+        With manual acks, the broker redelivers any message whose ack never came, for example
+        because this process died while handling it; callers ack after their durable write.
+        """
+        if self._manual_ack and message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
     def receive(self, timeout: float | None = None) -> Message | None:
         """Next received message, or None after `timeout` seconds."""
         try:
@@ -160,7 +203,8 @@ class MqttTransport:
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         try:
-            self.inbox.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.inbox.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain),
+                                          msg.mid, msg.qos))
         except queue.Full:
             self.dropped += 1
             logger.error("%s inbox full: dropped a message on %s", self.client_id, msg.topic)
