@@ -17,7 +17,7 @@ from protocol.codec import DecodeError, decode_status, decode_update, encode_glo
 from protocol.manifest import Manifest
 from protocol.messages import GlobalModel, TrainConfig, Update
 from protocol.tensors import TensorDict, check_finite
-from transport import Received, Transport
+from transport import Received, Transport, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class AggregatorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: str = "fedavg"
     allowed_devices: frozenset[str] | None = None  # None: any device id may take part
+    # The global is retained, but a broker restarted without persistence forgets it; sending it
+    # again now and then lets devices that connect after such a restart find the open round.
+    republish_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -106,6 +109,7 @@ class Coordinator:
         self._deadline = self._opened + self.config.round_deadline_s
 
     def _publish_global(self, final: bool = False) -> None:
+        self._last_publish = self.now()
         message = GlobalModel(
             self.config.federation, self.round, self.manifest_sha256, self.adapter,
             self.config.train, final,
@@ -207,6 +211,13 @@ class Coordinator:
         self._start_clock()
         return record
 
+    def _republish(self) -> None:
+        try:
+            self._publish_global()
+        except TransportError as exc:  # broker down: paho reconnects, try again later
+            self._last_publish = self.now()
+            logger.warning("could not republish round %d: %s", self.round, exc)
+
     def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
         """Run until `config.rounds` rounds are aggregated (or `stop()` is true)."""
         self.transport.subscribe(topics.update_filter(self.config.federation), qos=1)
@@ -223,6 +234,8 @@ class Coordinator:
                 self.handle(message)
                 self.transport.ack(message)
             if not self._round_ready():
+                if self.now() - self._last_publish > self.config.republish_s:
+                    self._republish()
                 continue
             record = self._close_round()
             records.append(record)

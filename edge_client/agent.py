@@ -16,7 +16,7 @@ from edge_client.trainer import Trainer, train_local
 from protocol import topics
 from protocol.codec import DecodeError, decode_global, encode_status, encode_update
 from protocol.messages import GlobalModel, Update
-from transport import Transport
+from transport import Transport, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ class DeviceAgent:
         self.device_id, self.federation, self.trainer = device_id, federation, trainer
         self.inputs, self.labels, self.transport = inputs, labels, transport
         self.state_path = Path(state_dir) / f"{device_id}.json" if state_dir else None
+        self.pending_path = Path(state_dir) / f"{device_id}.pending" if state_dir else None
         self.state = DeviceState.load(self.state_path)
+        self.pending = self._load_pending()
         self.rng = np.random.default_rng(seed)
         self.rounds_trained = 0
 
@@ -107,6 +109,51 @@ class DeviceAgent:
             metrics={"train_loss": result.mean_loss, "train_accuracy": result.accuracy},
         )
 
+    # -- unsent updates survive restarts and outages --------------------------------------
+    def _save_pending(self, round_number: int, payload: bytes) -> None:
+        self.pending = (round_number, payload)
+        if self.pending_path is not None:
+            self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.pending_path.with_suffix(".tmp")
+            tmp.write_bytes(round_number.to_bytes(8, "big") + payload)
+            tmp.replace(self.pending_path)
+
+    def _load_pending(self) -> tuple[int, bytes] | None:
+        if self.pending_path is None or not self.pending_path.exists():
+            return None
+        data = self.pending_path.read_bytes()
+        return int.from_bytes(data[:8], "big"), data[8:]
+
+    def _clear_pending(self) -> None:
+        self.pending = None
+        if self.pending_path is not None:
+            self.pending_path.unlink(missing_ok=True)
+
+    def flush_pending(self, open_round: int | None) -> bool:
+        """Send the unsent update if its round is still open; drop it if the round closed.
+
+        Returns True when nothing is left pending.
+        """
+        if self.pending is None:
+            return True
+        round_number, payload = self.pending
+        if open_round is not None and open_round != round_number:
+            logger.warning("%s: dropping the unsent update of round %d: round %d is open",
+                           self.device_id, round_number, open_round)
+            self._clear_pending()
+            return True
+        if not self.transport.connected:
+            return False
+        try:
+            self.transport.publish(topics.update_topic(self.federation, self.device_id),
+                                   payload, qos=1)
+        except TransportError as exc:
+            logger.warning("%s: update of round %d not sent yet (%s); kept on disk",
+                           self.device_id, round_number, exc)
+            return False
+        self._clear_pending()
+        return True
+
     def run(self, stop: threading.Event | None = None) -> int:
         """Connect, announce, and serve rounds until the final global message; return rounds."""
         stop = stop or threading.Event()
@@ -114,9 +161,13 @@ class DeviceAgent:
         self.transport.subscribe(topics.global_topic(self.federation), qos=1)
         self.transport.publish(topics.status_topic(self.federation, self.device_id),
                                encode_status(True, self.device_id), qos=1, retain=True)
+        open_round: int | None = None
         try:
             while not stop.is_set():
                 message = self._latest_global()
+                if message is not None:
+                    open_round = None if message.final else message.round
+                self.flush_pending(open_round if message is not None else None)
                 if message is None:
                     continue
                 if message.final:
@@ -126,13 +177,16 @@ class DeviceAgent:
                 update = self.handle_global(message)
                 if update is None:
                     continue
-                self.transport.publish(topics.update_topic(self.federation, self.device_id),
-                                       encode_update(update), qos=1)
+                # On disk before the first send attempt: a crash or an outage from here on
+                # still delivers this round's work once the device is back, if it still counts.
+                self._save_pending(update.round, encode_update(update))
                 self.state.last_round = update.round
                 self.state.save(self.state_path)
                 self.rounds_trained += 1
-                logger.info("%s (%s): sent round %d update, loss %.3f", self.device_id,
-                            self.trainer.backend, update.round, update.metrics["train_loss"])
+                sent = self.flush_pending(update.round)
+                logger.info("%s (%s): %s round %d update, loss %.3f", self.device_id,
+                            self.trainer.backend, "sent" if sent else "queued", update.round,
+                            update.metrics["train_loss"])
         finally:
             # Clean shutdown: say offline ourselves (the will only fires on a lost connection).
             try:

@@ -18,10 +18,17 @@ class Received(Protocol):
     qos: int
 
 
+class TransportError(RuntimeError):
+    """The broker could not be reached or did not acknowledge in time."""
+
+
 class Transport(Protocol):
     """Publish, subscribe, and pull received messages from an inbox."""
 
     bytes_sent: int
+
+    @property
+    def connected(self) -> bool: ...
 
     def start(self) -> None: ...
 

@@ -14,6 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from transport import TransportError
+
 logger = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 30.0  # a broker on a loaded 2-core gateway can take seconds to ack a large publish
@@ -22,8 +24,6 @@ INBOX_SIZE = 10_000  # messages kept for the consumer; beyond this, drop and log
 KEEPALIVE_S = 30
 
 
-class TransportError(RuntimeError):
-    """The broker could not be reached or did not acknowledge in time."""
 
 
 @dataclass(frozen=True, slots=True)
