@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aggregator.store import GlobalStore, OpenRound
-from aggregator.strategies import STRATEGIES, accumulate, weighted_mean
+from aggregator.strategies import (
+    STRATEGIES,
+    accumulate,
+    apply_mean_delta,
+    delta,
+    staleness_weight,
+    weighted_mean,
+)
 from protocol import topics
 from protocol.codec import DecodeError, decode_status, decode_update, encode_global
 from protocol.manifest import Manifest
@@ -40,12 +47,21 @@ class AggregatorConfig:
     # The global is retained, but a broker restarted without persistence forgets it; sending it
     # again now and then lets devices that connect after such a restart find the open round.
     republish_s: float = 30.0
+    # "sync": rounds as above. "async": FedBuff -- every `clients_per_round` accepted updates
+    # make a new version; updates up to `max_staleness` versions old still count, discounted.
+    mode: str = "sync"
+    max_staleness: int = 4
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
             raise ValueError("rounds must be positive")
         if not 1 <= self.min_clients <= self.clients_per_round:
             raise ValueError("need 1 <= min_clients <= clients_per_round")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}")
 
@@ -56,7 +72,7 @@ class RoundRecord:
 
     round: int
     devices: tuple[str, ...]
-    samples: int
+    samples: int  # sum of aggregation weights: samples, staleness-discounted in async mode
     bytes_received: int
     duration_s: float
     metrics: dict[str, float]
@@ -137,7 +153,8 @@ class Coordinator:
             raise Rejected("manifest", f"{device_id} trains another model version")
         if self.store.is_accepted(update.update_id):
             raise Rejected("duplicate", f"update {update.update_id} already counted")
-        if update.round < self.round:
+        oldest = self.round - (self.config.max_staleness if self.config.mode == "async" else 0)
+        if update.round < oldest:
             raise Rejected("stale-round", f"{device_id} sent round {update.round} in {self.round}")
         if update.round > self.round:
             raise Rejected("future-round", f"{device_id} sent round {update.round} in {self.round}")
@@ -169,10 +186,24 @@ class Coordinator:
             log("rejected update on %s: %s", message.topic, exc)
             return
         state = self.open
-        state.sums = accumulate(state.sums, update.adapter, float(update.num_samples))
+        if self.config.mode == "async":
+            # FedBuff sums deltas against the global each device started from, discounted by
+            # how many versions old that global is.
+            base = self.adapter if update.round == self.round else self.store.global_at(
+                update.round)
+            if base is None:
+                self.rejections["stale-round"] += 1
+                logger.warning("no stored global for round %d; dropped %s", update.round,
+                               update.update_id)
+                return
+            weight = update.num_samples * staleness_weight(self.round - update.round)
+            state.sums = accumulate(state.sums, delta(update.adapter, base), weight)
+        else:
+            weight = float(update.num_samples)
+            state.sums = accumulate(state.sums, update.adapter, weight)
         state.reported[update.device_id] = update.update_id
         for name, value in update.metrics.items():
-            state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value * update.num_samples
+            state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value * weight
         state.bytes += len(message.payload)
         # Durable before the MQTT ack: a crash from here on makes the broker redeliver, and
         # the accepted-id table then drops the copy.
@@ -199,7 +230,10 @@ class Coordinator:
         state = self.open
         assert state.sums is not None
         weight = state.sums.weight
-        self.adapter = weighted_mean(state.sums)
+        if self.config.mode == "async":
+            self.adapter = apply_mean_delta(self.adapter, state.sums, self.config.server_lr)
+        else:
+            self.adapter = weighted_mean(state.sums)
         record = RoundRecord(
             round=self.round, devices=tuple(sorted(state.reported)), samples=int(weight),
             bytes_received=state.bytes, duration_s=self.now() - self._opened,

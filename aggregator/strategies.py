@@ -72,6 +72,28 @@ def fedavg(updates: Sequence[WeightedAdapter]) -> TensorDict:
     return weighted_mean(acc)
 
 
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's polynomial discount 1/sqrt(1 + s) for an update `s` versions old."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return 1.0 / float(np.sqrt(1.0 + staleness))
+
+
+def delta(adapter: TensorDict, base: TensorDict) -> TensorDict:
+    """adapter - base, per tensor: what a device changed from the global it started from."""
+    _check_same_keys(base, adapter)
+    return {k: adapter[k] - base[k] for k in base}
+
+
+def apply_mean_delta(global_adapter: TensorDict, deltas: WeightedSum,
+                     server_lr: float = 1.0) -> TensorDict:
+    """FedBuff (Nguyen et al., arXiv 2106.06639) server step: global + lr · weighted mean delta."""
+    _check_same_keys(deltas.sums, global_adapter)
+    mean = weighted_mean(deltas)
+    return {k: (global_adapter[k] + server_lr * mean[k]).astype(np.float32)
+            for k in global_adapter}
+
+
 def _check_same_keys(a: dict[str, np.ndarray], b: TensorDict) -> None:
     if set(a) != set(b):
         raise ValueError(f"tensor names differ: {sorted(set(a) ^ set(b))}")
@@ -82,3 +104,19 @@ def _check_same_keys(a: dict[str, np.ndarray], b: TensorDict) -> None:
 
 Strategy = Callable[[Sequence[WeightedAdapter]], TensorDict]
 STRATEGIES: dict[str, Strategy] = {"fedavg": fedavg}
+
+
+def colora(updates: Sequence[WeightedAdapter]) -> TensorDict:
+    """CoLoRA: FedAvg of the shared tensors only; personal cores never enter the aggregate.
+
+    See aggregator/personal.py (imported here lazily: it builds on fedavg above).
+    """
+    from aggregator.personal import colora as colora_shared
+
+    return colora_shared(updates)
+
+
+# FLORA's aggregation is exactly fedavg; the name is registered so configs can say which paper.
+# Exact (aggregator/exact.py) and FL-TAC (aggregator/clustering.py) are not Strategy functions:
+# one returns a residual besides the adapter, the other one adapter per submission slot.
+STRATEGIES.update({"flora": fedavg, "colora": colora})

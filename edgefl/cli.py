@@ -60,6 +60,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         federation=args.federation, rounds=args.rounds, clients_per_round=args.clients_per_round,
         min_clients=args.min_clients, round_deadline_s=args.deadline,
         train=TrainConfig(args.local_steps, args.lr), strategy=args.strategy,
+        mode=args.mode, max_staleness=args.max_staleness,
     )
     # Persistent session + manual acks: updates sent while the aggregator is down, or received
     # but not yet committed when it died, are delivered again when it comes back.
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync rounds, or async FedBuff (a version every --clients-per-round)")
+    p.add_argument("--max-staleness", type=int, default=4,
+                   help="async: oldest version an update may start from")
     p.set_defaults(func=cmd_aggregator)
 
     p = sub.add_parser("client", help="run one emulated device")

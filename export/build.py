@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -69,7 +70,21 @@ def build_artifacts(
     if (final / MANIFEST_FILE).exists():
         logger.info("artifacts up to date: %s", final)
         return final
-    tmp = root / f".{final.name}.building"
+    root.mkdir(parents=True, exist_ok=True)
+    # Several processes (test workers, devices) may ask for the same export at once: one
+    # builds while the others wait on the lock, then find the finished folder.
+    with open(root / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MANIFEST_FILE).exists():
+            return final
+        _build_into(final, workload, batch, base_sha256, seed, backends)
+    return final
+
+
+def _build_into(final: Path, workload: Workload, batch: int, base_sha256: str, seed: int,
+                backends: tuple[str, ...]) -> None:
+    base = workload.base_weights()
+    tmp = final.parent / f".{final.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
@@ -112,4 +127,3 @@ def build_artifacts(
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     logger.info("artifacts ready: %s (manifest %s)", final, manifest.sha256[:12])
-    return final

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -145,3 +146,55 @@ def test_deadline_closes_round_with_quorum(mosquitto: Broker, cnn_artifacts: Pat
     np.testing.assert_allclose(latest[1]["head.bias"], adapter["head.bias"], rtol=1e-6)
     agg.stop()
     device.stop()
+
+
+def test_async_mode_buffers_k_updates_and_discounts_stale_ones(
+    mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path
+) -> None:
+    from aggregator.strategies import staleness_weight
+
+    # Prepare: FedBuff with a buffer of 2 and updates up to 1 version old
+    manifest = load_manifest(cnn_artifacts)
+    g0 = load_file(str(cnn_artifacts / ADAPTER_INIT_FILE))
+    config = AggregatorConfig(federation=FED, rounds=2, clients_per_round=2, min_clients=2,
+                              round_deadline_s=60, mode="async", max_staleness=1)
+    agg = MqttTransport(mosquitto.host, mosquitto.port, "agg-async")
+    agg.start()
+    coordinator = Coordinator(config, manifest, g0, agg, GlobalStore(tmp_path))
+    device = MqttTransport(mosquitto.host, mosquitto.port, "async-devices")
+    device.start()
+    a = {i: _adapter_like(g0, 10 + i) for i in range(5)}
+
+    def send(device_id: str, round_number: int, adapter: dict, n: int) -> None:
+        device.publish(topics.update_topic(FED, device_id), codec.encode_update(Update(
+            FED, round_number, device_id, manifest.sha256, n, uuid.uuid4().hex, adapter)))
+
+    watcher = MqttTransport(mosquitto.host, mosquitto.port, "async-watcher")
+    watcher.start()
+    watcher.subscribe(topics.global_topic(FED))
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    assert watcher.receive(10) is not None  # subscribed and version 0 is out
+
+    # Execute: version 1 from two fresh updates; version 2 from one stale and one fresh
+    send("d0", 0, a[0], 100)
+    send("d1", 0, a[1], 300)
+    deadline = time.monotonic() + 20
+    while coordinator.round < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    g1 = dict(coordinator.adapter)
+    send("d2", 0, a[2], 200)  # one version stale: counts at 1/sqrt(2)
+    send("d3", 1, a[3], 200)
+    thread.join(20)
+
+    # Assert
+    assert not thread.is_alive()
+    w_stale, w_fresh = 200 * staleness_weight(1), 200.0
+    for name in g0:
+        expected_g1 = g0[name] + (100 * (a[0][name] - g0[name]) + 300 * (a[1][name] - g0[name])) / 400
+        np.testing.assert_allclose(g1[name], expected_g1, rtol=1e-5, atol=1e-6)
+        expected_g2 = g1[name] + (w_stale * (a[2][name] - g0[name])
+                                  + w_fresh * (a[3][name] - g1[name])) / (w_stale + w_fresh)
+        np.testing.assert_allclose(coordinator.adapter[name], expected_g2, rtol=1e-5, atol=1e-5)
+    for transport in (agg, device, watcher):
+        transport.stop()

@@ -67,3 +67,24 @@ def test_non_positive_weight_raises(weight: float) -> None:
 def test_empty_update_list_raises() -> None:
     with pytest.raises(ValueError, match="at least one"):
         fedavg([])
+
+
+def test_staleness_weight_discounts_older_updates() -> None:
+    from aggregator.strategies import staleness_weight
+
+    assert staleness_weight(0) == 1.0
+    assert staleness_weight(3) == pytest.approx(0.5)
+    assert staleness_weight(1) > staleness_weight(2) > staleness_weight(8)
+    with pytest.raises(ValueError):
+        staleness_weight(-1)
+
+
+def test_fedbuff_step_adds_weighted_mean_delta_to_global() -> None:
+    from aggregator.strategies import apply_mean_delta, delta
+
+    base, a, b = (make_adapter(s, SHAPES) for s in (1, 2, 3))
+    acc = accumulate(accumulate(None, delta(a, base), 1.0), delta(b, base), 3.0)
+    result = apply_mean_delta(base, acc, server_lr=0.5)
+    for name in SHAPES:
+        expected = base[name] + 0.5 * (0.25 * (a[name] - base[name]) + 0.75 * (b[name] - base[name]))
+        np.testing.assert_allclose(result[name], expected, rtol=1e-5, atol=1e-6)

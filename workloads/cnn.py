@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def pretrain_backbone(out: Path, epochs: int = PRETRAIN_EPOCHS) -> None:
             optimiser.step()
         logger.info("pretrain epoch %d/%d: last loss %.3f", epoch + 1, epochs, loss.item())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # per process: concurrent builders never clash
     save_file(model.state_dict(), str(tmp))
     tmp.replace(out)  # atomic: a crash never leaves a half-written backbone in the cache
 
