@@ -1,8 +1,9 @@
 """Encode and decode messages: a zstd frame around one safetensors file with a JSON header.
 
 The safetensors `__metadata__` holds `schema` (the version), `kind` and `header` (the message's
-scalar fields as JSON). Tensors are the adapter. Nothing is pickled, so decoding untrusted bytes
-cannot run code; every failure surfaces as DecodeError with the reason.
+scalar fields as JSON). Tensors are the adapter, for updates in one of the compact encodings of
+protocol.quant. Nothing is pickled, so decoding untrusted bytes cannot run code; every failure
+surfaces as DecodeError with the reason. docs/PROTOCOL.md is the language-neutral spec.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import safetensors.numpy
 import zstandard
 
+from protocol import quant
 from protocol.messages import GlobalModel, TrainConfig, Update
 from protocol.tensors import TensorDict
 
@@ -24,6 +26,9 @@ SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 # Bound on the decompressed size, so a tiny zstd "bomb" cannot exhaust the gateway's memory.
 MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024
+# Bound on a decoded update's dense float32 tensors: top-k indices name positions in shapes
+# the header declares, so a few bytes could otherwise ask for gigabytes of zeros.
+MAX_DENSE_BYTES = MAX_DECOMPRESSED_BYTES
 _ZSTD_LEVEL = 3  # zstd's default: most of the gain, fast on a phone
 
 
@@ -33,8 +38,9 @@ class DecodeError(ValueError):
 
 def _pack(kind: str, header: dict[str, Any], tensors: TensorDict) -> bytes:
     metadata = {"schema": str(SCHEMA_VERSION), "kind": kind, "header": json.dumps(header)}
-    # safetensors wants C-contiguous arrays; np.ascontiguousarray is a no-op when they already are.
-    contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # safetensors wants C-contiguous arrays (a no-op when they already are); not
+    # np.ascontiguousarray, which would turn a 0-d tensor into shape (1,).
+    contiguous = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     raw = safetensors.numpy.save(contiguous, metadata=metadata)
     return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
 
@@ -95,14 +101,45 @@ def _field(header: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+def _number(header: dict[str, Any], name: str) -> float:
+    # JSON has one number type: another language may write 1 where Python writes 1.0.
+    value = header.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DecodeError(f"header field {name!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _optional_number(header: dict[str, Any], name: str) -> float | None:
+    if name not in header:  # required, even though its value may be null
+        raise DecodeError(f"header field {name!r} is missing")
+    return None if header[name] is None else _number(header, name)
+
+
+def _shapes(header: dict[str, Any], sparse: bool) -> dict[str, tuple[int, ...]] | None:
+    raw = header.get("shapes")
+    if not sparse:
+        if raw is not None:
+            raise DecodeError("header field 'shapes' is only valid with topk")
+        return None
+    if not isinstance(raw, dict) or not all(
+        isinstance(shape, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        for shape in raw.values()
+    ):
+        raise DecodeError("header field 'shapes' must map tensor names to lists of sizes >= 0")
+    return {str(name): tuple(shape) for name, shape in raw.items()}
+
+
 def encode_global(message: GlobalModel) -> bytes:
-    """Serialise a GlobalModel."""
+    """Serialise a GlobalModel (its adapter always travels as dense float32)."""
     header = {
         "federation": message.federation,
         "round": message.round,
         "manifest_sha256": message.manifest_sha256,
         "local_steps": message.train.local_steps,
         "learning_rate": message.train.learning_rate,
+        "update_encoding": message.train.update_encoding,
+        "update_topk": message.train.update_topk,
         "final": message.final,
     }
     return _pack("global", header, message.adapter)
@@ -113,9 +150,14 @@ def decode_global(data: bytes) -> GlobalModel:
     header, tensors = _unpack(data, "global")
     try:
         train = TrainConfig(
-            _field(header, "local_steps", int), float(_field(header, "learning_rate", float))
+            local_steps=_field(header, "local_steps", int),
+            learning_rate=_number(header, "learning_rate"),
+            update_encoding=_field(header, "update_encoding", str),
+            update_topk=_optional_number(header, "update_topk"),
         )
     except ValueError as exc:
+        if isinstance(exc, DecodeError):
+            raise
         raise DecodeError(str(exc)) from exc
     return GlobalModel(
         federation=_field(header, "federation", str),
@@ -127,9 +169,20 @@ def decode_global(data: bytes) -> GlobalModel:
     )
 
 
-def encode_update(message: Update) -> bytes:
-    """Serialise an Update."""
-    header = {
+def encode_update(message: Update, encoding: str = "fp32", topk: float | None = None) -> bytes:
+    """Serialise an Update, compressing its adapter.
+
+    Args:
+        message: the update; its adapter holds float tensors of canonical names.
+        encoding: one of protocol.quant.ENCODINGS (the global's `train.update_encoding`).
+        topk: fraction of entries kept per tensor, or None for all (`train.update_topk`).
+
+    Raises:
+        ValueError: for an unknown encoding, a bad topk, or tensors the encoding cannot carry
+            (see protocol.quant.encode_tensors).
+    """
+    wire = quant.encode_tensors(message.adapter, encoding, topk)
+    header: dict[str, Any] = {
         "federation": message.federation,
         "round": message.round,
         "device_id": message.device_id,
@@ -137,12 +190,17 @@ def encode_update(message: Update) -> bytes:
         "num_samples": message.num_samples,
         "update_id": message.update_id,
         "metrics": message.metrics,
+        "is_delta": message.is_delta,
+        "encoding": encoding,
+        "topk": quant.check_topk(topk),
     }
-    return _pack("update", header, message.adapter)
+    if topk is not None:  # sparse tensors no longer carry their shapes
+        header["shapes"] = {name: list(np.shape(a)) for name, a in message.adapter.items()}
+    return _pack("update", header, wire)
 
 
 def decode_update(data: bytes) -> Update:
-    """Parse an Update, raising DecodeError on anything malformed."""
+    """Parse an Update into dense float32 tensors, raising DecodeError on anything malformed."""
     header, tensors = _unpack(data, "update")
     metrics = header.get("metrics", {})
     if not isinstance(metrics, dict) or not all(
@@ -150,15 +208,25 @@ def decode_update(data: bytes) -> Update:
     ):
         raise DecodeError("header field 'metrics' must map names to numbers")
     try:
+        # Header first, tensors last: the cheap checks reject most bad payloads before any
+        # dequantising or allocation.
+        federation = _field(header, "federation", str)
+        round_number = _field(header, "round", int)
+        device_id = _field(header, "device_id", str)
+        manifest_sha256 = _field(header, "manifest_sha256", str)
+        num_samples = _field(header, "num_samples", int)
+        update_id = _field(header, "update_id", str)
+        is_delta = _field(header, "is_delta", bool)
+        encoding = quant.check_encoding(_field(header, "encoding", str))
+        topk = quant.check_topk(_optional_number(header, "topk"))
+        adapter = quant.decode_tensors(
+            tensors, encoding, _shapes(header, sparse=topk is not None), MAX_DENSE_BYTES
+        )
         return Update(
-            federation=_field(header, "federation", str),
-            round=_field(header, "round", int),
-            device_id=_field(header, "device_id", str),
-            manifest_sha256=_field(header, "manifest_sha256", str),
-            num_samples=_field(header, "num_samples", int),
-            update_id=_field(header, "update_id", str),
-            adapter=tensors,
-            metrics={str(k): float(v) for k, v in metrics.items()},
+            federation=federation, round=round_number, device_id=device_id,
+            manifest_sha256=manifest_sha256, num_samples=num_samples, update_id=update_id,
+            adapter=adapter, metrics={str(k): float(v) for k, v in metrics.items()},
+            is_delta=is_delta,
         )
     except ValueError as exc:
         if isinstance(exc, DecodeError):

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from protocol.quant import check_encoding, check_topk
 from protocol.tensors import TensorDict
 
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    """What the aggregator asks each device to do in one round."""
+    """What the aggregator asks each device to do in one round.
+
+    `update_encoding` and `update_topk` choose how devices compress their updates (see
+    protocol.quant); the aggregator picks them per federation and devices follow.
+    """
 
     local_steps: int = 20
     learning_rate: float = 0.05
+    update_encoding: str = "fp32"
+    update_topk: float | None = None
 
     def __post_init__(self) -> None:
         if self.local_steps <= 0:
             raise ValueError(f"local_steps must be positive, got {self.local_steps}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        check_encoding(self.update_encoding)
+        check_topk(self.update_topk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +47,11 @@ class GlobalModel:
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    """Device -> aggregator: the adapter a device trained in `round`, from that round's global."""
+    """Device -> aggregator: the adapter a device trained in `round`, from that round's global.
+
+    With `is_delta` the adapter holds local minus global (it compresses far better, and top-k
+    drops only small changes); the aggregator adds the round's global back.
+    """
 
     federation: str
     round: int
@@ -48,6 +61,7 @@ class Update:
     update_id: str  # unique per (device, round, attempt); QoS 1 redelivery repeats it
     adapter: TensorDict
     metrics: dict[str, float] = field(default_factory=dict)
+    is_delta: bool = False
 
     def __post_init__(self) -> None:
         if self.num_samples <= 0:
