@@ -6,9 +6,10 @@ global model is the exact weighted mean of the client models. Fed-TaLoRA's post-
 calibration (Yu, Hu, Min, arXiv 2505.12318) is read as the same residual (ALGORITHMS.md §1, a
 reconstruction). Unlike the FedEx-LoRA code, the residual is never a dense d_out×d_in matrix here:
 
-    R = Σ_k p_k (B_k − B̄)(A_k − Ā) = U @ V,   U = [B_1−B̄ … B_K−B̄],  V = [p_1(A_1−Ā); …; p_K(A_K−Ā)]
+    R = Σ_k p_k (B_k − B̄)(A_k − Ā) = U @ V,
+    U = [B_1−B̄ … B_K−B̄] (d_out, K·r),  V = [p_1(A_1−Ā); …; p_K(A_K−Ā)] (K·r, d_in)
 
-which equals Σp_k B_k A_k − B̄Ā because Σp_k = 1, and has rank ≤ (K−1)·r (the centred factors sum
+which equals Σp_k B_k A_k − B̄Ā because Σp_k = 1, and has rank ≤ (K−1)·r (the weighted blocks of U sum
 to zero), below the (K+1)·r of the uncentred form. A device adds `scaling · U @ V` to the frozen
 weight of each LoRA layer, `scaling` being its LoRA scale (α/r in peft). Residuals of several
 rounds concatenate, so a device that skipped rounds catches up with one merged residual.
@@ -35,7 +36,8 @@ RANK_RTOL = 1e-10
 
 def lora_layers(adapter: TensorDict) -> list[str]:
     """Sorted prefixes of the layers holding both `<prefix>.lora_A.weight` and `.lora_B.weight`."""
-    return sorted(k[: -len(_A)] for k in adapter if k.endswith(_A) and k[: -len(_A)] + _B in adapter)
+    prefixes = (k[: -len(_A)] for k in adapter if k.endswith(_A))
+    return sorted(p for p in prefixes if p + _B in adapter)
 
 
 def residual(updates: Sequence[WeightedAdapter], rtol: float = RANK_RTOL) -> Residual:
@@ -70,7 +72,11 @@ def residual(updates: Sequence[WeightedAdapter], rtol: float = RANK_RTOL) -> Res
         b_bar = np.tensordot(p, b, axes=1)
         u_f = np.concatenate(list(b - b_bar), axis=1)  # (d_out, K·r)
         v_f = np.concatenate(list((a - a_bar) * p[:, None, None]), axis=0)  # (K·r, d_in)
-        out[layer] = compact(u_f, v_f, rtol=rtol)
+        # Cancellation leaves noise of the size of the products, not of R: an absolute floor
+        # keeps identical updates at rank 0.
+        sizes = np.linalg.norm(b, axis=(1, 2)) * np.linalg.norm(a, axis=(1, 2))
+        floor = rtol * float(np.max(sizes))
+        out[layer] = compact(u_f, v_f, rtol=rtol, atol=floor)
     return out
 
 
@@ -85,13 +91,15 @@ def exact_aggregate(updates: Sequence[WeightedAdapter]) -> tuple[TensorDict, Res
 
 
 def compact(
-    u: np.ndarray, v: np.ndarray, max_rank: int | None = None, rtol: float = RANK_RTOL
+    u: np.ndarray, v: np.ndarray, max_rank: int | None = None, rtol: float = RANK_RTOL,
+    atol: float = 0.0,
 ) -> Factors:
     """Re-factor U @ V through a thin SVD, keeping at most `max_rank` directions.
 
     Exact (to `rtol`) when `max_rank` is None or at least the numerical rank; otherwise it is the
-    best rank-`max_rank` approximation in Frobenius norm. The singular values are split evenly
-    between the two factors so neither grows large.
+    best rank-`max_rank` approximation in Frobenius norm. Singular values at or below
+    max(rtol·σ_max, atol) are dropped. They are split evenly between the two factors so neither
+    grows large.
 
     Returns:
         (U', V') in float32, U' (d_out, q'), V' (q', d_in), q' ≤ min(d_out, d_in, q).
@@ -105,7 +113,7 @@ def compact(
     qu, ru = np.linalg.qr(u64)
     qv, rv = np.linalg.qr(v64.T)
     left, sigma, right = np.linalg.svd(ru @ rv.T)
-    keep = int(np.sum(sigma > rtol * sigma[0])) if sigma.size and sigma[0] > 0 else 0
+    keep = int(np.sum(sigma > max(rtol * sigma[0], atol))) if sigma.size else 0
     if max_rank is not None:
         keep = min(keep, max_rank)
     root = np.sqrt(sigma[:keep])

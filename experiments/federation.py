@@ -1,0 +1,136 @@
+"""In-process federation of one global adapter: FedAvg/FLORA or exact (residual) aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from aggregator.exact import Residual, dense, exact_aggregate, residual_nbytes, residual_since
+from aggregator.strategies import fedavg
+from experiments.data import Features
+from experiments.models import (
+    adapter_nbytes,
+    base_weights_of,
+    lora_base_layers,
+    set_base_weights,
+    sgd_optimiser,
+    train_steps,
+)
+from workloads.lora import get_adapter, set_adapter
+
+AGGREGATIONS = ("fedavg", "exact")
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Sizes of a simulated federation (kept small: the whole table must run on 2 cores)."""
+
+    devices: int = 10
+    rounds: int = 20
+    local_steps: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.05  # edge_client.trainer.DEFAULT_LEARNING_RATE
+    train_examples: int = 20_000
+    test_examples: int = 10_000
+    rounds_per_task: int = 6
+    participation: float = 1.0  # fraction of devices selected each round
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One simulated device: its index, local data and the labels it trains on."""
+
+    index: int
+    data: Features
+    labels: np.ndarray
+
+
+class GlobalFederation:
+    """Server + devices sharing one global adapter; with `exact`, residuals fold into W0.
+
+    Devices hold their own frozen weights. A device that sat out rounds catches up with the merged
+    residual of the rounds it missed (aggregator.exact.residual_since) before training.
+    """
+
+    def __init__(self, model: nn.Module, config: SimConfig, aggregation: str) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}")
+        self.model, self.config, self.exact = model, config, aggregation == "exact"
+        self.optimiser = sgd_optimiser(model, config.learning_rate)
+        self.adapter = get_adapter(model)
+        self.scaling = {name: s for name, (_, s) in lora_base_layers(model).items()}
+        self.pretrained_w0 = base_weights_of(model)
+        self.server_w0 = self.pretrained_w0
+        self.device_w0: dict[int, dict[str, np.ndarray]] = {}
+        self.synced: dict[int, int] = {}
+        self.log: dict[int, Residual] = {}
+        self.version = 0
+        self.bytes_up: list[int] = []
+        self.bytes_down: list[int] = []
+        self.residual_ratio: list[float] = []  # ‖R‖_F / ‖B̄Ā‖_F per round, over all LoRA layers
+
+    def round(
+        self, devices: Sequence[Device], rng: np.random.Generator,
+        allowed: np.ndarray | None = None,
+    ) -> None:
+        """One round: selected devices train from the global, the server aggregates."""
+        count = max(1, round(self.config.participation * len(devices)))
+        chosen = [devices[i] for i in np.sort(rng.choice(len(devices), count, replace=False))]
+        updates, up, down = [], 0, 0
+        for device in chosen:
+            if self.exact:
+                down += self._catch_up(device.index)
+                set_base_weights(self.model, self.device_w0[device.index])
+            set_adapter(self.model, self.adapter)
+            down += adapter_nbytes(self.adapter)
+            train_steps(self.model, self.optimiser, device.data, device.labels,
+                        self.config.local_steps, self.config.batch_size, rng, allowed)
+            update = get_adapter(self.model)
+            up += adapter_nbytes(update)
+            # FLORA's weights: the device's number of training examples
+            updates.append((update, float(len(device.labels))))
+        self.version += 1
+        if self.exact:
+            self.adapter, res = exact_aggregate(updates)
+            self.log[self.version] = res
+            self.residual_ratio.append(_residual_ratio(self.adapter, res))
+            self.server_w0 = self._fold(self.server_w0, res)
+        else:
+            self.adapter = fedavg(updates)
+        self.bytes_up.append(up)
+        self.bytes_down.append(down)
+
+    def use_global(self) -> nn.Module:
+        """The model loaded with the server's global state (for evaluation)."""
+        if self.exact:
+            set_base_weights(self.model, self.server_w0)
+        set_adapter(self.model, self.adapter)
+        return self.model
+
+    def _catch_up(self, index: int) -> int:
+        """Bring a device's W0 level with the server; return the bytes of residual it received."""
+        if index not in self.device_w0:  # a new device starts from the pretrained weights
+            self.device_w0[index] = {name: w.copy() for name, w in self.pretrained_w0.items()}
+            self.synced[index] = 0
+        if self.synced[index] == self.version:
+            return 0
+        res = residual_since(self.log, self.synced[index], self.version)
+        self.device_w0[index] = self._fold(self.device_w0[index], res)
+        self.synced[index] = self.version
+        return residual_nbytes(res)
+
+    def _fold(self, weights: dict[str, np.ndarray], res: Residual) -> dict[str, np.ndarray]:
+        return {name: w + self.scaling[name] * dense(res[name]) if name in res else w.copy()
+                for name, w in weights.items()}
+
+
+def _residual_ratio(adapter: dict[str, np.ndarray], res: Residual) -> float:
+    """How large the exactness correction is next to the averaged LoRA update itself."""
+    num = sum(float(np.sum(dense(f) ** 2)) for f in res.values())
+    den = sum(float(np.sum((adapter[f"{n}.lora_B.weight"].astype(np.float64)
+                            @ adapter[f"{n}.lora_A.weight"]) ** 2)) for n in res)
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
