@@ -28,7 +28,7 @@ class TrainResult:
     """Summary of a device's local training in one round."""
 
     steps: int
-    samples: int  # examples seen, counting repeats: the FedAvg weight
+    samples: int  # the device's local dataset size n_k: its FedAvg weight
     mean_loss: float
     accuracy: float  # on the training batches, before each step
 
@@ -85,8 +85,14 @@ def train_local(
 ) -> TrainResult:
     """Run `steps` SGD steps on batches drawn without replacement (reshuffled per pass)."""
     batch = trainer.manifest.batch_size
+    local_size = len(labels)
+    if local_size == 0:
+        raise ValueError("a device with no local examples cannot train")
     if len(labels) < batch:
-        raise ValueError(f"{len(labels)} local examples cannot fill one batch of {batch}")
+        # Programs have a static batch size; a device holding fewer examples fills each batch
+        # by sampling its data with replacement (a tiny phone dataset is normal in a fleet).
+        order = rng.choice(len(labels), size=batch, replace=True)
+        inputs, labels = inputs[order], labels[order]
     order = rng.permutation(len(labels))
     cursor, losses, correct = 0, [], 0
     for _ in range(steps):
@@ -97,7 +103,7 @@ def train_local(
         result = trainer.train_step(inputs[idx], labels[idx])
         losses.append(result.loss)
         correct += result.correct
-    return TrainResult(steps, steps * batch, float(np.mean(losses)), correct / (steps * batch))
+    return TrainResult(steps, local_size, float(np.mean(losses)), correct / (steps * batch))
 
 
 def evaluate_dataset(trainer: Trainer, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

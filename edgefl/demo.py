@@ -1,4 +1,8 @@
-"""The demo federation: broker, aggregator and emulated devices on non-IID Fashion-MNIST."""
+"""Run a whole federation in one process: broker, aggregator and an emulated fleet of devices.
+
+`edgefl demo` is a small mixed ExecuTorch / ONNX Runtime fleet; `edgefl emulate` is the same
+machinery with hundreds to thousands of devices and unreliable behaviour.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,15 @@ from safetensors.numpy import load_file
 
 from aggregator.coordinator import AggregatorConfig, Coordinator, RoundRecord
 from aggregator.store import GlobalStore
-from edge_client.agent import DeviceAgent, device_seed
-from edge_client.data import device_partitions
+from edge_client.fleet import (
+    DEVICES_PER_PROCESS,
+    FleetConfig,
+    FleetProcesses,
+    build_fleet,
+    start_fleet,
+)
 from edge_client.trainer import evaluate_dataset, make_trainer
-from export.build import ADAPTER_INIT_FILE, build_artifacts
+from export.build import build_artifacts
 from protocol.codec import encode_global
 from protocol.manifest import load_manifest
 from protocol.messages import GlobalModel, TrainConfig
@@ -34,24 +43,26 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class DemoConfig:
-    """Demo knobs; the defaults finish in a few minutes on 2 cores."""
+class FederationConfig:
+    """A run: the fleet, the round policy and where results go."""
 
-    devices: int = 6
+    fleet: FleetConfig = field(default_factory=lambda: FleetConfig(
+        devices=6, backends=("executorch", "onnxruntime")))
     rounds: int = 6
     local_steps: int = 20
     learning_rate: float = 0.05
-    alpha: float = 0.5
-    backends: tuple[str, ...] = ("executorch", "onnxruntime")
+    participation: float = 1.0  # fraction of the fleet that closes a round early
+    quorum: float = 0.5  # fraction that closes it at the deadline
+    deadline_s: float = 300.0
+    mode: str = "sync"
     eval_size: int = 2000
-    seed: int = 0
     out_dir: Path = Path("runs/demo")
     broker: str = "mosquitto"  # or "amqtt" to force the embedded broker
 
 
 @dataclass
 class RoundRow:
-    """One line of the demo's per-round table."""
+    """One line of the per-round table."""
 
     round: int
     accuracy: float
@@ -63,12 +74,15 @@ class RoundRow:
 
 
 @dataclass
-class DemoResult:
-    """Everything the demo measured; also written to results.json."""
+class FederationResult:
+    """Everything a run measured; also written to results.json."""
 
     broker: str
     data_source: str
     rows: list[RoundRow] = field(default_factory=list)
+    rejections: dict[str, int] = field(default_factory=dict)
+    skipped_rounds: int = 0
+    links_lost: int = 0
 
     @property
     def improved(self) -> bool:
@@ -76,34 +90,42 @@ class DemoResult:
         return len(self.rows) > 1 and self.rows[-1].accuracy > self.rows[0].accuracy
 
 
-def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
-    """Run the whole federation in this process (devices and aggregator on their own threads)."""
+def run_federation(config: FederationConfig, console: Console | None = None) -> FederationResult:
+    """Run the federation to its last round and print the per-round table."""
     console = console or Console()
+    fleet = config.fleet
     # 1. artifacts: built once, then reused from the cache
     with console.status("exporting the CNN training programs (cached after the first run)"):
         artifacts = build_artifacts("fmnist-cnn")
     manifest = load_manifest(artifacts)
-    initial = load_file(str(artifacts / ADAPTER_INIT_FILE))
-
-    # 2. data: each device gets a Dirichlet(alpha) share of the private training data
-    private, parts = device_partitions(config.devices, config.alpha, config.seed)
+    initial = load_file(str(artifacts / manifest.files["adapter_init"]))
     test = fmnist.load("t10k")
     test = test.subset(np.arange(min(config.eval_size, len(test))))
-    evaluator = make_trainer("onnxruntime", artifacts)  # fastest backend for scoring the globals
+    evaluator = make_trainer("onnxruntime", artifacts)  # fastest backend for scoring globals
 
-    def accuracy_of(adapter: TensorDict) -> tuple[float, float]:
+    def score(adapter: TensorDict) -> tuple[float, float]:
         evaluator.set_adapter(adapter)
         return evaluate_dataset(evaluator, test.x, test.y)
 
     with Broker(prefer=config.broker) as broker:
-        console.print(f"broker: [bold]{broker.kind}[/] on {broker.host}:{broker.port}; "
-                      f"data: {private.source}, {config.devices} devices, Dirichlet "
-                      f"alpha={config.alpha}, backends {', '.join(config.backends)}")
-        result = DemoResult(broker.kind, private.source)
-        federation = f"demo-{uuid.uuid4().hex[:8]}"
+        federation = f"run-{uuid.uuid4().hex[:8]}"
+        run_dir = config.out_dir / federation
+        # 2. devices: one process for a small fleet, worker processes for a large one
+        in_process = fleet.devices <= DEVICES_PER_PROCESS
+        devices: list = []
+        if in_process:
+            with console.status(f"preparing {fleet.devices} emulated devices"):
+                devices = build_fleet(fleet, broker.host, broker.port, federation, artifacts,
+                                      run_dir / "devices", broker.mqtt_version)
+        result = FederationResult(broker.kind, test.source)
+        console.print(
+            f"broker: [bold]{broker.kind}[/] on {broker.host}:{broker.port}; data: "
+            f"{test.source}; {fleet.devices} devices ({', '.join(fleet.backends)}), Dirichlet "
+            f"alpha={fleet.alpha}, dropout {fleet.dropout}, link loss {fleet.connection_loss}")
         train = TrainConfig(config.local_steps, config.learning_rate)
-        global_bytes = len(encode_global(GlobalModel(federation, 0, manifest.sha256, initial, train)))
-        loss0, acc0 = accuracy_of(initial)
+        global_bytes = len(encode_global(GlobalModel(federation, 0, manifest.sha256, initial,
+                                                     train)))
+        loss0, acc0 = score(initial)
         result.rows.append(RoundRow(0, acc0, loss0, 0, 0, 0, 0.0))
 
         progress = Progress(TextColumn("[bold]federation"), BarColumn(),
@@ -113,61 +135,60 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         started = time.monotonic()
 
         def on_round(record: RoundRecord, adapter: TensorDict) -> None:
-            loss, acc = accuracy_of(adapter)
+            loss, acc = score(adapter)
             result.rows.append(RoundRow(
                 record.round + 1, acc, loss, len(record.devices), record.bytes_received,
-                global_bytes * config.devices, time.monotonic() - started,
-            ))
-            progress.update(task, advance=1, acc=f"accuracy {acc:.3f}")
+                global_bytes * fleet.devices, time.monotonic() - started))
+            progress.update(task, advance=1, acc=f"accuracy {acc:.3f}, "
+                                                 f"{len(record.devices)} devices")
 
-        # 3. aggregator
+        # 3. aggregator: persistent session + manual acks, as on a gateway
         agg_config = AggregatorConfig(
-            federation=federation, rounds=config.rounds, clients_per_round=config.devices,
-            min_clients=max(1, config.devices // 2), round_deadline_s=300.0, train=train,
+            federation=federation, rounds=config.rounds,
+            clients_per_round=max(1, round(config.participation * fleet.devices)),
+            min_clients=max(1, round(config.quorum * fleet.devices)),
+            round_deadline_s=config.deadline_s, train=train, mode=config.mode,
         )
-        run_dir = config.out_dir / federation
         agg_transport = MqttTransport(broker.host, broker.port, f"aggregator-{federation}",
                                       persistent_session=True, manual_ack=True,
                                       mqtt_version=broker.mqtt_version)
         agg_transport.start()
         coordinator = Coordinator(agg_config, manifest, initial, agg_transport,
                                   GlobalStore(run_dir / "aggregator"), on_round=on_round)
-
-        # 4. devices, each with its own MQTT connection and training program
-        agents = []
-        for i in range(config.devices):
-            device_id = f"device-{i:03d}"
-            data = private.subset(parts[i])
-            backend = config.backends[i % len(config.backends)]
-            transport = MqttTransport(
-                broker.host, broker.port, f"{federation}-{device_id}",
-                will=DeviceAgent.will(federation, device_id), mqtt_version=broker.mqtt_version,
-            )
-            agents.append(DeviceAgent(
-                device_id, federation, make_trainer(backend, artifacts, config.learning_rate),
-                data.x, data.y, transport, run_dir / "devices", seed=device_seed(device_id),
-            ))
-        threads = [threading.Thread(target=a.run, name=a.device_id, daemon=True) for a in agents]
+        stop = threading.Event()
         with progress:
-            for thread in threads:
-                thread.start()
-            coordinator.run()
-            for thread in threads:
-                thread.join(timeout=60)
-        agg_transport.stop()
+            if in_process:
+                threads = start_fleet(devices, stop)
+            else:
+                workers = FleetProcesses(fleet, broker.host, broker.port, federation, artifacts,
+                                         run_dir / "devices", broker.mqtt_version)
+            try:
+                coordinator.run()
+            finally:
+                stop.set()
+                if in_process:
+                    for thread in threads:
+                        thread.join(timeout=30)
+                    result.skipped_rounds = sum(d.rounds_skipped for d in devices)
+                    result.links_lost = sum(d.links_lost for d in devices)
+                else:
+                    result.skipped_rounds, result.links_lost = workers.finish()
+                agg_transport.stop()
 
-    _print_summary(console, result, coordinator.rejections)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(
-        {"broker": result.broker, "data": result.data_source, "config": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-         "rounds": [asdict(r) for r in result.rows]}, indent=1))
+    result.rejections = dict(coordinator.rejections)
+    _print_summary(console, result, fleet.devices)
+    (run_dir / "results.json").write_text(json.dumps({
+        "broker": result.broker, "data": result.data_source,
+        "config": json.loads(json.dumps(asdict(config), default=str)),
+        "rounds": [asdict(r) for r in result.rows], "rejections": result.rejections,
+        "skipped_rounds": result.skipped_rounds, "links_lost": result.links_lost,
+    }, indent=1))
     console.print(f"results written to {run_dir / 'results.json'}")
     return result
 
 
-def _print_summary(console: Console, result: DemoResult, rejections: dict[str, int]) -> None:
-    table = Table(title="Federated LoRA fine-tuning of the CNN on Fashion-MNIST (global model)")
+def _print_summary(console: Console, result: FederationResult, fleet_size: int) -> None:
+    table = Table(title=f"Federated LoRA fine-tuning on Fashion-MNIST, {fleet_size} devices")
     for column in ("round", "test accuracy", "test loss", "devices", "bytes up", "bytes down",
                    "elapsed s"):
         table.add_column(column, justify="right")
@@ -175,8 +196,11 @@ def _print_summary(console: Console, result: DemoResult, rejections: dict[str, i
         table.add_row(str(row.round), f"{row.accuracy:.3f}", f"{row.loss:.3f}", str(row.devices),
                       f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.seconds:.1f}")
     console.print(table)
-    if rejections:
-        console.print(f"rejected updates: {dict(rejections)}")
+    if result.rejections:
+        console.print(f"rejected updates: {result.rejections}")
+    if result.skipped_rounds or result.links_lost:
+        console.print(f"device rounds sat out: {result.skipped_rounds}; "
+                      f"links lost: {result.links_lost}")
     verdict = "rose" if result.improved else "did NOT rise"
     console.print(f"accuracy {verdict}: {result.rows[0].accuracy:.3f} -> "
                   f"{result.rows[-1].accuracy:.3f}")

@@ -1,0 +1,184 @@
+"""Emulated fleets: many devices per process, each with its own MQTT connection and behaviour.
+
+Devices of one backend share one training program (a lock serialises them), so a thousand
+devices cost a thousand connections and data shares, not a thousand copies of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.agent import DeviceAgent, device_seed
+from edge_client.trainer import Trainer, make_trainer
+from protocol.messages import GlobalModel, Update
+from transport.mqtt import MqttTransport
+from workloads import fmnist
+
+logger = logging.getLogger(__name__)
+
+CONNECT_BATCH = 50  # connections opened between short pauses, so the broker is not stormed
+# paho's network loop uses select(), which fails for file descriptors above 1024, and each
+# client holds about three (its socket and a wake-up pair): one process keeps <= 250 devices.
+DEVICES_PER_PROCESS = 250
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """How many devices, which backends, and how unreliable they are."""
+
+    devices: int = 100
+    backends: tuple[str, ...] = ("onnxruntime",)
+    alpha: float = 0.5
+    seed: int = 0
+    slowdown: tuple[float, float] = (1.0, 1.0)  # per-device compute slowdown, drawn uniformly
+    dropout: float = 0.0  # chance a device sits a round out
+    connection_loss: float = 0.0  # chance a device loses its link before sending an update
+
+    def __post_init__(self) -> None:
+        if self.devices <= 0:
+            raise ValueError("devices must be positive")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.connection_loss < 1.0):
+            raise ValueError("dropout and connection_loss are probabilities in [0, 1)")
+        if not 1.0 <= self.slowdown[0] <= self.slowdown[1]:
+            raise ValueError("slowdown must be a range (lo, hi) with 1 <= lo <= hi")
+
+
+class EmulatedDevice(DeviceAgent):
+    """A DeviceAgent with a shared trainer, a compute speed, dropouts and link losses."""
+
+    def __init__(self, *args: object, lock: threading.Lock, slowdown: float, dropout: float,
+                 connection_loss: float, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lock, self.slowdown = lock, slowdown
+        self.dropout, self.connection_loss = dropout, connection_loss
+        self.rounds_skipped = 0
+        self.links_lost = 0
+
+    def handle_global(self, message: GlobalModel) -> Update | None:
+        """Maybe sit out; else train on the shared program, then take `slowdown` times as long."""
+        if message.final or message.round <= self.state.last_round:
+            return None
+        if self.rng.random() < self.dropout:
+            self.state.last_round = message.round
+            self.rounds_skipped += 1
+            return None
+        with self.lock:
+            started = time.monotonic()
+            update = super().handle_global(message)
+            elapsed = time.monotonic() - started
+        if self.slowdown > 1.0:  # outside the lock: other devices use the program meanwhile
+            time.sleep(elapsed * (self.slowdown - 1.0))
+        if update is not None and self.rng.random() < self.connection_loss:
+            self.links_lost += 1
+            self.transport.drop_connection()  # type: ignore[attr-defined]
+        return update
+
+
+def build_fleet(config: FleetConfig, host: str, port: int, federation: str, artifacts: Path,
+                state_dir: Path | None = None, mqtt_version: int = 5,
+                indices: range | None = None) -> list[EmulatedDevice]:
+    """Create devices `indices` of the fleet (not yet connected): data, trainers, behaviours.
+
+    Every process computes the same split from the seed, so slices built in different worker
+    processes never overlap.
+    """
+    _, private = fmnist.public_and_private(fmnist.load("train"))
+    rng = np.random.default_rng(config.seed)
+    parts = fmnist.dirichlet_split(private.y, config.devices, config.alpha, rng, min_size=1)
+    slowdowns = rng.uniform(*config.slowdown, size=config.devices)
+    trainers: dict[str, tuple[Trainer, threading.Lock]] = {
+        b: (make_trainer(b, artifacts), threading.Lock()) for b in config.backends
+    }
+    devices = []
+    for i in indices if indices is not None else range(config.devices):
+        part = parts[i]
+        device_id = f"dev-{i:05d}"
+        trainer, lock = trainers[config.backends[i % len(config.backends)]]
+        transport = MqttTransport(host, port, f"{federation}-{device_id}",
+                                  will=DeviceAgent.will(federation, device_id),
+                                  mqtt_version=mqtt_version)
+        devices.append(EmulatedDevice(
+            device_id, federation, trainer, private.x[part], private.y[part], transport,
+            state_dir, device_seed(device_id) ^ config.seed,
+            lock=lock, slowdown=float(slowdowns[i]), dropout=config.dropout,
+            connection_loss=config.connection_loss,
+        ))
+    return devices
+
+
+def start_fleet(devices: list[EmulatedDevice], stop: threading.Event) -> list[threading.Thread]:
+    """Start every device on its own thread, opening connections in small batches."""
+    threads = []
+    for i, device in enumerate(devices):
+        thread = threading.Thread(target=device.run, args=(stop,), name=device.device_id,
+                                  daemon=True)
+        thread.start()
+        threads.append(thread)
+        if (i + 1) % CONNECT_BATCH == 0:
+            time.sleep(0.05)
+    return threads
+
+
+def run_fleet_slice(config: FleetConfig, host: str, port: int, federation: str, artifacts: Path,
+                    state_dir: Path | None, mqtt_version: int, indices: range,
+                    stop: threading.Event) -> tuple[int, int]:
+    """Build, start and wait for one slice of the fleet; return (rounds sat out, links lost).
+
+    This is the body of each worker process of a large fleet.
+    """
+    devices = build_fleet(config, host, port, federation, artifacts, state_dir, mqtt_version,
+                          indices)
+    threads = start_fleet(devices, stop)
+    for thread in threads:
+        thread.join()
+    return sum(d.rounds_skipped for d in devices), sum(d.links_lost for d in devices)
+
+
+def _worker(args: tuple, stop: object, results: object) -> None:  # noqa: ANN001
+    # Simulated link losses make every worker chatty; the parent prints the summary.
+    logging.basicConfig(level=logging.ERROR)
+    results.put(run_fleet_slice(*args, stop=stop))  # type: ignore[attr-defined]
+
+
+class FleetProcesses:
+    """A large fleet spread over worker processes of at most DEVICES_PER_PROCESS devices."""
+
+    def __init__(self, config: FleetConfig, host: str, port: int, federation: str,
+                 artifacts: Path, state_dir: Path | None, mqtt_version: int) -> None:
+        import multiprocessing
+
+        # spawn, not fork: the parent runs threads (paho, the aggregator) that fork would copy
+        # in whatever state they were.
+        context = multiprocessing.get_context("spawn")
+        self.stop = context.Event()
+        self.results = context.Queue()
+        self.processes = []
+        for start in range(0, config.devices, DEVICES_PER_PROCESS):
+            indices = range(start, min(start + DEVICES_PER_PROCESS, config.devices))
+            args = (config, host, port, federation, artifacts, state_dir, mqtt_version, indices)
+            process = context.Process(target=_worker, args=(args, self.stop, self.results),
+                                      name=f"fleet-{start}", daemon=True)
+            process.start()
+            self.processes.append(process)
+
+    def finish(self, timeout_s: float = 60.0) -> tuple[int, int]:
+        """Signal stop, wait for the workers, and sum their (rounds sat out, links lost)."""
+        self.stop.set()
+        skipped = lost = 0
+        for _ in self.processes:
+            try:
+                worker_skipped, worker_lost = self.results.get(timeout=timeout_s)
+            except Exception:  # a worker that died reports nothing; the rest still count
+                continue
+            skipped, lost = skipped + worker_skipped, lost + worker_lost
+        for process in self.processes:
+            process.join(timeout_s)
+            if process.is_alive():
+                process.terminate()
+        return skipped, lost
