@@ -1,4 +1,4 @@
-"""Synchronous round coordinator: publish the global adapter, collect updates, aggregate, repeat."""
+"""Round coordinator: publish the global adapter, collect and validate updates, aggregate, repeat."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.privacy import dp_strategy
+from aggregator.robust import clip_update
 from aggregator.store import GlobalStore, OpenRound
 from aggregator.strategies import (
     STRATEGIES,
+    Strategy,
     accumulate,
+    add,
     apply_mean_delta,
     delta,
     staleness_weight,
@@ -23,12 +27,17 @@ from protocol import topics
 from protocol.codec import DecodeError, decode_status, decode_update, encode_global
 from protocol.manifest import Manifest
 from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.signing import SignatureError, SigningRegistry, open_signed
 from protocol.tensors import TensorDict, check_finite
 from transport import Received, Transport, TransportError
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often the loop wakes to check the deadline when no message arrives
+# Strategies computed from a running weighted sum (memory O(adapter)); the others need the
+# whole round's updates, which are then kept in the store.
+STREAMING_STRATEGIES = ("fedavg", "flora")
+DP_STRATEGY = "dp-fedavg"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +61,11 @@ class AggregatorConfig:
     mode: str = "sync"
     max_staleness: int = 4
     server_lr: float = 1.0
+    # Robustness and privacy: clip every update's change to this L2 norm before aggregating;
+    # "dp-fedavg" adds Gaussian noise of dp_noise_multiplier * clip_norm / n to the mean.
+    clip_norm: float | None = None
+    dp_noise_multiplier: float | None = None
+    seed: int = 0  # of the DP noise
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -62,8 +76,15 @@ class AggregatorConfig:
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         if self.max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}")
+        if self.strategy not in (*STRATEGIES, DP_STRATEGY):
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from "
+                             f"{sorted((*STRATEGIES, DP_STRATEGY))}")
+        if self.strategy == DP_STRATEGY and not (self.clip_norm and self.dp_noise_multiplier):
+            raise ValueError("dp-fedavg needs clip_norm and dp_noise_multiplier")
+        if self.mode == "async" and self.strategy not in STREAMING_STRATEGIES:
+            raise ValueError("async mode aggregates with FedAvg only")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError("clip_norm must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +119,16 @@ class Coordinator:
         store: GlobalStore,
         now: Callable[[], float] = time.monotonic,
         on_round: Callable[[RoundRecord, TensorDict], None] | None = None,
+        registry: SigningRegistry | None = None,
     ) -> None:
         manifest.check_adapter(initial_adapter)
         self.config, self.manifest, self.transport, self.store = config, manifest, transport, store
         self.now = now
         self.on_round = on_round
         self.manifest_sha256 = manifest.sha256
+        self.registry = registry  # device id -> Ed25519 public key; None: updates unsigned
+        self.streaming = config.strategy in STREAMING_STRATEGIES
+        self.rng = np.random.default_rng(config.seed)
         self.rejections: Counter[str] = Counter()
         self.online: set[str] = set()
         resumed = store.latest()
@@ -139,6 +164,14 @@ class Coordinator:
         """Decode and check one update; raise Rejected with the reason. Never mutates state."""
         try:
             federation, _, device_id = topics.parse_device_topic(topic)
+        except ValueError as exc:
+            raise Rejected("malformed", str(exc)) from exc
+        if self.registry is not None:
+            try:
+                payload = open_signed(self.registry, device_id, payload)
+            except SignatureError as exc:
+                raise Rejected(f"signature-{exc.reason}", str(exc)) from exc
+        try:
             update = decode_update(payload)
         except (DecodeError, ValueError) as exc:
             raise Rejected("malformed", str(exc)) from exc
@@ -186,28 +219,37 @@ class Coordinator:
             log("rejected update on %s: %s", message.topic, exc)
             return
         state = self.open
+        # The global this device started from: the open round's, or (async) an older one.
+        base = self.adapter if update.round == self.round else self.store.global_at(update.round)
+        if base is None:
+            self.rejections["stale-round"] += 1
+            logger.warning("no stored global for round %d; dropped %s", update.round,
+                           update.update_id)
+            return
+        adapter = add(base, update.adapter) if update.is_delta else update.adapter
+        if self.config.clip_norm is not None:
+            adapter = clip_update(adapter, base, self.config.clip_norm)
+        kept = None
         if self.config.mode == "async":
             # FedBuff sums deltas against the global each device started from, discounted by
             # how many versions old that global is.
-            base = self.adapter if update.round == self.round else self.store.global_at(
-                update.round)
-            if base is None:
-                self.rejections["stale-round"] += 1
-                logger.warning("no stored global for round %d; dropped %s", update.round,
-                               update.update_id)
-                return
             weight = update.num_samples * staleness_weight(self.round - update.round)
-            state.sums = accumulate(state.sums, delta(update.adapter, base), weight)
+            state.sums = accumulate(state.sums, delta(adapter, base), weight)
+        elif self.streaming:
+            weight = float(update.num_samples)
+            state.sums = accumulate(state.sums, adapter, weight)
         else:
             weight = float(update.num_samples)
-            state.sums = accumulate(state.sums, update.adapter, weight)
+            state.buffer.append((adapter, weight))
+            kept = adapter
         state.reported[update.device_id] = update.update_id
         for name, value in update.metrics.items():
             state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value * weight
         state.bytes += len(message.payload)
         # Durable before the MQTT ack: a crash from here on makes the broker redeliver, and
         # the accepted-id table then drops the copy.
-        self.store.accept(update.update_id, update.device_id, update.num_samples, state)
+        self.store.accept(update.update_id, update.device_id, update.num_samples, weight, state,
+                          kept)
         logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, update.device_id,
                     update.num_samples, len(state.reported), self.config.clients_per_round)
 
@@ -228,12 +270,17 @@ class Coordinator:
 
     def _close_round(self) -> RoundRecord:
         state = self.open
-        assert state.sums is not None
-        weight = state.sums.weight
         if self.config.mode == "async":
+            assert state.sums is not None
+            weight = state.sums.weight
             self.adapter = apply_mean_delta(self.adapter, state.sums, self.config.server_lr)
-        else:
+        elif self.streaming:
+            assert state.sums is not None
+            weight = state.sums.weight
             self.adapter = weighted_mean(state.sums)
+        else:
+            weight = sum(w for _, w in state.buffer)
+            self.adapter = self._round_strategy()(state.buffer)
         record = RoundRecord(
             round=self.round, devices=tuple(sorted(state.reported)), samples=int(weight),
             bytes_received=state.bytes, duration_s=self.now() - self._opened,
@@ -245,7 +292,20 @@ class Coordinator:
         self._start_clock()
         return record
 
+    def _round_strategy(self) -> Strategy:
+        """The strategy for the round being closed (some depend on its global)."""
+        cfg = self.config
+        if cfg.strategy == DP_STRATEGY:
+            assert cfg.clip_norm is not None and cfg.dp_noise_multiplier is not None
+            return dp_strategy(self.adapter, cfg.clip_norm, cfg.dp_noise_multiplier, self.rng)
+        return STRATEGIES[cfg.strategy]
+
     def _republish(self) -> None:
+        # Publishing while paho reconnects can block it indefinitely (paho issues #613, #531):
+        # wait for the link instead; the timer brings us back here.
+        if not self.transport.connected:
+            self._last_publish = self.now()
+            return
         try:
             self._publish_global()
         except TransportError as exc:  # broker down: paho reconnects, try again later
@@ -277,12 +337,26 @@ class Coordinator:
                         record.round, len(record.devices), record.samples,
                         record.bytes_received, record.duration_s)
             final = self.round >= self.config.rounds
-            self._publish_global(final=final)
+            if final:
+                self._publish_final(stop)
+            else:
+                self._republish()  # on failure the republish timer tries again
             if self.on_round is not None:
                 self.on_round(record, self.adapter)
             if final:
                 break
         return records
+
+    def _publish_final(self, stop: Callable[[], bool]) -> None:
+        # Devices wait for the final message to stop: keep trying through a broker outage.
+        while not stop():
+            if self.transport.connected:
+                try:
+                    self._publish_global(final=True)
+                    return
+                except TransportError as exc:
+                    logger.warning("could not publish the final global yet: %s", exc)
+            time.sleep(1.0)
 
 
 def adapter_distance(a: TensorDict, b: TensorDict) -> float:

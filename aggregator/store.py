@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS open_round (
     count INTEGER, metric_sums TEXT NOT NULL, bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS accepted (
     update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, device_id TEXT NOT NULL,
-    num_samples INTEGER NOT NULL);
+    num_samples INTEGER NOT NULL, weight REAL NOT NULL, adapter BLOB);
 """
 
 
@@ -42,6 +42,8 @@ class OpenRound:
     metric_sums: dict[str, float] = field(default_factory=dict)
     bytes: int = 0
     reported: dict[str, str] = field(default_factory=dict)  # device id -> update id
+    # Strategies that need every update (median, trimmed mean, DP) keep them, not a sum.
+    buffer: list[tuple[TensorDict, float]] = field(default_factory=list)
 
 
 class GlobalStore:
@@ -100,23 +102,32 @@ class GlobalStore:
             return None
         round_number, sums, weight, count, metric_sums, nbytes = row
         acc = None if sums is None else WeightedSum(load_tensors(sums), float(weight), int(count))
-        reported = dict(self.db.execute(
-            "SELECT device_id, update_id FROM accepted WHERE round = ?", (round_number,)))
-        return OpenRound(int(round_number), acc, json.loads(metric_sums), int(nbytes), reported)
+        rows = self.db.execute(
+            "SELECT device_id, update_id, weight, adapter FROM accepted WHERE round = ? "
+            "ORDER BY rowid", (round_number,)).fetchall()
+        reported = {device: update for device, update, _, _ in rows}
+        buffer = [(load_tensors(blob), float(w)) for _, _, w, blob in rows if blob is not None]
+        return OpenRound(int(round_number), acc, json.loads(metric_sums), int(nbytes), reported,
+                         buffer)
 
-    def accept(self, update_id: str, device_id: str, num_samples: int,
-               state: OpenRound) -> None:
-        """Atomically record one accepted update and the round's new running sum."""
-        assert state.sums is not None
-        sums = save_tensors({k: np.ascontiguousarray(v) for k, v in state.sums.sums.items()})
+    def accept(self, update_id: str, device_id: str, num_samples: int, weight: float,
+               state: OpenRound, adapter: TensorDict | None = None) -> None:
+        """Atomically record one accepted update and the round's new running sum.
+
+        `adapter` is stored only for strategies that aggregate the whole round at once.
+        """
+        sums = None if state.sums is None else save_tensors(
+            {k: np.ascontiguousarray(v) for k, v in state.sums.sums.items()})
+        blob = None if adapter is None else save_tensors(adapter)
         with self._transaction():
-            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?)",
-                            (update_id, state.round, device_id, num_samples))
+            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?)",
+                            (update_id, state.round, device_id, num_samples, weight, blob))
             self.db.execute(
                 "UPDATE open_round SET sums = ?, weight = ?, count = ?, metric_sums = ?, "
                 "bytes = ? WHERE id = 0",
-                (sums, state.sums.weight, state.sums.count, json.dumps(state.metric_sums),
-                 state.bytes),
+                (sums, None if state.sums is None else state.sums.weight,
+                 None if state.sums is None else state.sums.count,
+                 json.dumps(state.metric_sums), state.bytes),
             )
 
     def is_accepted(self, update_id: str) -> bool:

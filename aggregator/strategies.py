@@ -85,6 +85,12 @@ def delta(adapter: TensorDict, base: TensorDict) -> TensorDict:
     return {k: adapter[k] - base[k] for k in base}
 
 
+def add(base: TensorDict, change: TensorDict) -> TensorDict:
+    """base + change, per tensor: a full adapter from a device's delta."""
+    _check_same_keys(base, change)
+    return {k: (base[k] + change[k]).astype(np.float32) for k in base}
+
+
 def apply_mean_delta(global_adapter: TensorDict, deltas: WeightedSum,
                      server_lr: float = 1.0) -> TensorDict:
     """FedBuff (Nguyen et al., arXiv 2106.06639) server step: global + lr · weighted mean delta."""
@@ -120,3 +126,13 @@ def colora(updates: Sequence[WeightedAdapter]) -> TensorDict:
 # Exact (aggregator/exact.py) and FL-TAC (aggregator/clustering.py) are not Strategy functions:
 # one returns a residual besides the adapter, the other one adapter per submission slot.
 STRATEGIES.update({"flora": fedavg, "colora": colora})
+
+
+def _register_robust() -> None:
+    # Imported at the end: robust.py uses this module's types only, so there is no cycle.
+    from aggregator.robust import fedmedian, trimmed_mean
+
+    STRATEGIES.update({"fedmedian": fedmedian, "trimmed_mean": trimmed_mean})
+
+
+_register_robust()

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_client.trainer import Trainer, train_local
 from protocol import topics
 from protocol.codec import DecodeError, decode_global, encode_status, encode_update
-from protocol.messages import GlobalModel, Update
+from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.signing import sign_payload
 from transport import Transport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class DeviceAgent:
         transport: Transport,
         state_dir: Path | None = None,
         seed: int = 0,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.device_id, self.federation, self.trainer = device_id, federation, trainer
         self.inputs, self.labels, self.transport = inputs, labels, transport
@@ -67,6 +70,7 @@ class DeviceAgent:
         self.state = DeviceState.load(self.state_path)
         self.pending = self._load_pending()
         self.rng = np.random.default_rng(seed)
+        self.signing_key = signing_key
         self.rounds_trained = 0
 
     @staticmethod
@@ -101,13 +105,26 @@ class DeviceAgent:
         self.trainer.set_learning_rate(message.train.learning_rate)
         result = train_local(self.trainer, self.inputs, self.labels,
                              message.train.local_steps, self.rng)
+        adapter = self.trainer.get_adapter()
+        # Compact encodings quantise what is sent; the change from the global is small and
+        # quantises with far less error than the adapter itself, so send that instead.
+        compact = message.train.update_encoding != "fp32" or message.train.update_topk
+        if compact:
+            adapter = {k: v - message.adapter[k] for k, v in adapter.items()}
         return Update(
             federation=self.federation, round=message.round, device_id=self.device_id,
             manifest_sha256=self.trainer.manifest.sha256, num_samples=result.samples,
             update_id=f"{self.device_id}-{message.round}-{uuid.uuid4().hex[:12]}",
-            adapter=self.trainer.get_adapter(),
+            adapter=adapter, is_delta=bool(compact),
             metrics={"train_loss": result.mean_loss, "train_accuracy": result.accuracy},
         )
+
+    def encode(self, update: Update, train: TrainConfig) -> bytes:
+        """Wire bytes of an update: the federation's encoding, signed if we hold a key."""
+        payload = encode_update(update, encoding=train.update_encoding, topk=train.update_topk)
+        if self.signing_key is not None:
+            payload = sign_payload(self.signing_key, self.device_id, payload)
+        return payload
 
     # -- unsent updates survive restarts and outages --------------------------------------
     def _save_pending(self, round_number: int, payload: bytes) -> None:
@@ -179,7 +196,7 @@ class DeviceAgent:
                     continue
                 # On disk before the first send attempt: a crash or an outage from here on
                 # still delivers this round's work once the device is back, if it still counts.
-                self._save_pending(update.round, encode_update(update))
+                self._save_pending(update.round, self.encode(update, message.train))
                 self.state.last_round = update.round
                 self.state.save(self.state_path)
                 self.rounds_trained += 1

@@ -9,6 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from edgefl.gateway import AGGREGATOR_ID, load_gateway
+
 
 def _quiet_third_party() -> None:
     # Export and runtime libraries are chatty at INFO; keep the user's terminal for our output.
@@ -35,6 +37,14 @@ def _artifacts(args: argparse.Namespace) -> Path:
     return build_artifacts(args.workload)
 
 
+def _gateway_connection(args: argparse.Namespace, identity: str) -> dict:
+    """Host, port and TLS files: from --gateway's folder when given, else plain MQTT."""
+    if not args.gateway:
+        return {"host": args.host, "port": args.port, "tls": None}
+    files = load_gateway(Path(args.gateway))
+    return {"host": files.host, "port": files.port, "tls": files.tls_for(identity)}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Build (or find in the cache) a workload's training programs; print the folder."""
     from export.build import build_artifacts
@@ -59,18 +69,26 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     config = AggregatorConfig(
         federation=args.federation, rounds=args.rounds, clients_per_round=args.clients_per_round,
         min_clients=args.min_clients, round_deadline_s=args.deadline,
-        train=TrainConfig(args.local_steps, args.lr), strategy=args.strategy,
-        mode=args.mode, max_staleness=args.max_staleness,
+        train=TrainConfig(args.local_steps, args.lr, args.update_encoding, args.update_topk),
+        strategy=args.strategy, mode=args.mode, max_staleness=args.max_staleness,
+        clip_norm=args.clip_norm, dp_noise_multiplier=args.dp_noise,
     )
+    secure = _gateway_connection(args, AGGREGATOR_ID)
+    registry = None
+    if args.gateway:
+        from protocol.signing import load_registry
+
+        registry = load_registry(load_gateway(Path(args.gateway)).signing_registry)
     # Persistent session + manual acks: updates sent while the aggregator is down, or received
     # but not yet committed when it died, are delivered again when it comes back.
-    transport = MqttTransport(args.host, args.port, f"aggregator-{args.federation}",
-                              persistent_session=True, manual_ack=True)
+    transport = MqttTransport(secure["host"], secure["port"], f"aggregator-{args.federation}",
+                              persistent_session=True, manual_ack=True, tls=secure["tls"])
     transport.start()
     manifest = load_manifest(artifacts)
     coordinator = Coordinator(config, manifest,
                               load_file(str(artifacts / manifest.files["adapter_init"])), transport,
-                              GlobalStore(Path(args.state_dir) / args.federation))
+                              GlobalStore(Path(args.state_dir) / args.federation),
+                              registry=registry)
     try:
         for record in coordinator.run():
             print(f"round {record.round}: {len(record.devices)} devices, {record.samples} samples,"
@@ -90,30 +108,64 @@ def cmd_client(args: argparse.Namespace) -> int:
     artifacts = _artifacts(args)
     data = device_data(args.index, args.num_devices, args.alpha, args.seed)
     device_id = args.device_id or f"device-{args.index:03d}"
-    transport = MqttTransport(args.host, args.port, f"{args.federation}-{device_id}",
-                              will=DeviceAgent.will(args.federation, device_id))
+    secure = _gateway_connection(args, device_id)
+    signing_key = None
+    if args.gateway:
+        from protocol.signing import load_private_key
+
+        signing_key = load_private_key(load_gateway(Path(args.gateway)).signing_keys[device_id])
+    # With --gateway the broker takes the certificate's name (the device id) as the username,
+    # and its ACL patterns match on that, not on the client id.
+    transport = MqttTransport(secure["host"], secure["port"], f"{args.federation}-{device_id}",
+                              will=DeviceAgent.will(args.federation, device_id), tls=secure["tls"])
     agent = DeviceAgent(device_id, args.federation, make_trainer(args.backend, artifacts),
-                        data.x, data.y, transport, Path(args.state_dir), device_seed(device_id))
+                        data.x, data.y, transport, Path(args.state_dir), device_seed(device_id),
+                        signing_key=signing_key)
     rounds = agent.run()
     print(f"{device_id}: trained {rounds} rounds")
     return 0
 
 
+def _federation_config(args: argparse.Namespace, out: str) -> object:
+    from edge_client.fleet import FleetConfig
+    from edgefl.demo import FederationConfig
+
+    lo, _, hi = args.slowdown.partition(",")
+    fleet = FleetConfig(
+        devices=args.devices, backends=tuple(args.backends.split(",")), alpha=args.alpha,
+        seed=args.seed, slowdown=(float(lo), float(hi or lo)), dropout=args.dropout,
+        connection_loss=args.connection_loss,
+    )
+    return FederationConfig(
+        fleet=fleet, rounds=args.rounds, local_steps=args.local_steps, learning_rate=args.lr,
+        participation=args.participation, quorum=args.quorum, deadline_s=args.deadline,
+        mode=args.mode, out_dir=Path(args.out or out), broker=args.broker,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run broker + aggregator + emulated devices; exit 1 if accuracy did not rise."""
-    from edgefl.demo import DemoConfig, run_demo
+    from edgefl.demo import run_federation
 
-    result = run_demo(DemoConfig(
-        devices=args.devices, rounds=args.rounds, local_steps=args.local_steps,
-        learning_rate=args.lr, alpha=args.alpha, backends=tuple(args.backends.split(",")),
-        seed=args.seed, out_dir=Path(args.out), broker=args.broker,
-    ))
+    result = run_federation(_federation_config(args, "runs/demo"))
+    return 0 if result.improved else 1
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    """Run a large emulated fleet; exit 1 if no round completed or accuracy did not rise."""
+    from edgefl.demo import run_federation
+
+    result = run_federation(_federation_config(args, "runs/emulate"))
     return 0 if result.improved else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
+    from aggregator.coordinator import DP_STRATEGY
+    from aggregator.strategies import STRATEGIES
     from edge_client.trainer import BACKENDS
+    from edgefl.gateway import add_gateway_parser
+    from protocol.quant import ENCODINGS
     from workloads import WORKLOAD_NAMES
 
     parser = argparse.ArgumentParser(prog="edgefl", description=__doc__)
@@ -127,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workload", choices=WORKLOAD_NAMES, default="fmnist-cnn")
         p.add_argument("--artifacts", help="artifact folder (default: build/reuse the cache)")
         p.add_argument("--state-dir", default="state", help="where durable state is kept")
+        p.add_argument("--gateway", help="folder from `edgefl gateway init`: TLS, signed updates")
 
     p = sub.add_parser("export", help="build training programs for a workload")
     p.add_argument("--workload", choices=WORKLOAD_NAMES, default="fmnist-cnn")
@@ -144,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=120.0, help="round deadline in seconds")
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--strategy", default="fedavg",
+                   choices=sorted((*STRATEGIES, DP_STRATEGY)))
+    p.add_argument("--update-encoding", choices=ENCODINGS, default="fp32",
+                   help="how devices encode updates (compact ones send deltas)")
+    p.add_argument("--update-topk", type=float, help="send only this fraction of entries")
+    p.add_argument("--clip-norm", type=float, help="clip each update's change to this L2 norm")
+    p.add_argument("--dp-noise", type=float,
+                   help="dp-fedavg: Gaussian noise multiplier (with --clip-norm)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="sync rounds, or async FedBuff (a version every --clients-per-round)")
     p.add_argument("--max-staleness", type=int, default=4,
@@ -161,17 +221,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_client)
 
-    p = sub.add_parser("demo", help="broker + aggregator + emulated devices on Fashion-MNIST")
-    p.add_argument("--devices", type=int, default=6)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--local-steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew (smaller: more)")
-    p.add_argument("--backends", default="executorch,onnxruntime")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
-    p.add_argument("--out", default="runs/demo")
+    def federation_args(p: argparse.ArgumentParser, devices: int, backends: str, rounds: int,
+                        steps: int, participation: float, deadline: float) -> None:
+        p.add_argument("--devices", type=int, default=devices)
+        p.add_argument("--backends", default=backends, help="comma-separated, used in turn")
+        p.add_argument("--rounds", type=int, default=rounds)
+        p.add_argument("--local-steps", type=int, default=steps)
+        p.add_argument("--lr", type=float, default=0.05)
+        p.add_argument("--alpha", type=float, default=0.5,
+                       help="Dirichlet label skew (smaller: more skew)")
+        p.add_argument("--participation", type=float, default=participation,
+                       help="fraction of devices whose updates close a round early")
+        p.add_argument("--quorum", type=float, default=0.5,
+                       help="fraction of devices that closes a round at the deadline")
+        p.add_argument("--deadline", type=float, default=deadline, help="round deadline, s")
+        p.add_argument("--mode", choices=("sync", "async"), default="sync")
+        p.add_argument("--dropout", type=float, default=0.0,
+                       help="chance a device sits a round out")
+        p.add_argument("--connection-loss", type=float, default=0.0,
+                       help="chance a device loses its link before sending")
+        p.add_argument("--slowdown", default="1",
+                       help="device compute slowdown range 'lo,hi' (1 = this machine)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
+        p.add_argument("--out", help="results folder")
+
+    p = sub.add_parser("demo", help="broker + aggregator + a few devices on Fashion-MNIST")
+    federation_args(p, devices=6, backends="executorch,onnxruntime", rounds=6, steps=20,
+                    participation=1.0, deadline=300.0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("emulate", help="a large emulated fleet (hundreds to thousands)")
+    federation_args(p, devices=1000, backends="onnxruntime", rounds=3, steps=2,
+                    participation=0.9, deadline=120.0)
+    p.set_defaults(func=cmd_emulate)
+
+    add_gateway_parser(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 # package -> top-level modules it may import besides the standard library
 ALLOWED = {
-    "protocol": {"protocol", "numpy", "safetensors", "zstandard"},
+    "protocol": {"protocol", "numpy", "safetensors", "zstandard", "cryptography"},
     "transport": {"transport", "paho", "amqtt"},
     "aggregator": {"aggregator", "protocol", "transport", "numpy", "safetensors", "sklearn"},
     "workloads": {"workloads", "protocol", "numpy", "torch", "peft", "safetensors", "sklearn",
@@ -21,7 +21,7 @@ ALLOWED = {
     "export": {"export", "workloads", "protocol", "torch", "executorch", "onnx", "onnxruntime",
                "safetensors", "numpy"},
     "edge_client": {"edge_client", "protocol", "transport", "workloads", "numpy", "torch",
-                    "executorch", "onnxruntime", "safetensors"},
+                    "executorch", "onnxruntime", "safetensors", "cryptography"},
 }
 # Only the transport package talks MQTT, and the aggregator sees only its Protocol, so the
 # coordinator runs over any transport.
