@@ -85,9 +85,10 @@ def test_update_of_a_closed_round_is_dropped(mosquitto: Broker, cnn_artifacts: P
 
 
 def test_round_completes_across_a_broker_restart(cnn_artifacts: Path, tmp_path: Path) -> None:
-    # Prepare: a broker that will be stopped and started again on the same port, forgetting
-    # every session and retained message (persistence is off)
-    broker = Broker(prefer="mosquitto")
+    # Prepare: a broker that will be stopped and started again on the same port. Like a
+    # gateway's broker it persists sessions, so the aggregator's subscription and the updates
+    # queued for it survive; the retained global is re-sent by the aggregator regardless.
+    broker = Broker(prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
     port = broker.port
     coordinator, agg = _coordinator(broker, cnn_artifacts, tmp_path / "agg", rounds=2, clients=2)
     agents = [_agent(broker, cnn_artifacts, tmp_path / "dev", i) for i in range(2)]
@@ -103,7 +104,7 @@ def test_round_completes_across_a_broker_restart(cnn_artifacts: Path, tmp_path: 
     assert first_round_done.wait(60)
     broker.stop()
     time.sleep(2)
-    broker = Broker(port=port, prefer="mosquitto")
+    broker = Broker(port=port, prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
     try:
         runner.join(90)
         for thread in threads:

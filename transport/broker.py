@@ -46,8 +46,14 @@ class Broker:
     #: MQTT protocol version clients should speak: amqtt implements 3.1.1 only.
     mqtt_version = 5
 
-    def __init__(self, port: int | None = None, prefer: str = "mosquitto") -> None:
+    def __init__(self, port: int | None = None, prefer: str = "mosquitto",
+                 persistence_dir: Path | None = None) -> None:
+        """Start on `port` (default: a free one). With `persistence_dir`, Mosquitto keeps
+        sessions, queued QoS 1 messages and retained messages there across restarts."""
         self.port = port or free_port()
+        self.persistence_dir = persistence_dir
+        if persistence_dir is not None:
+            Path(persistence_dir).mkdir(parents=True, exist_ok=True)
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -67,10 +73,12 @@ class Broker:
 
     def _start_mosquitto(self, binary: str) -> None:
         conf = Path(self._tmp.name) / "mosquitto.conf"
+        persistence = (f"persistence true\npersistence_location {self.persistence_dir}/\n"
+                       if self.persistence_dir else "persistence false\n")
         conf.write_text(
             f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
-            "persistence false\n"
+            f"{persistence}"
             f"message_size_limit {MESSAGE_SIZE_LIMIT_BYTES}\n"
             "max_queued_messages 10000\n"
             "log_dest stderr\nlog_type error\nlog_type warning\n"

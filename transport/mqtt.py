@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -160,13 +161,28 @@ class MqttTransport:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         if qos > 0:
+            # paho raises RuntimeError from both calls once the link drops mid-wait (it marks
+            # the message "not connected"); it still resends it after reconnecting.
             try:
                 info.wait_for_publish(timeout=ACK_TIMEOUT_S)
+                published = info.is_published()
             except (RuntimeError, ValueError) as exc:
                 raise TransportError(f"publish to {topic} failed: {exc}") from exc
-            if not info.is_published():
+            if not published:
                 raise TransportError(f"no ack for publish to {topic} within {ACK_TIMEOUT_S}s")
         self.bytes_sent += len(payload)
+
+    def drop_connection(self) -> None:
+        """Cut the TCP connection without an MQTT DISCONNECT, as a lost radio link does.
+
+        The broker publishes our last will; paho notices the dead socket and reconnects.
+        """
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already gone
+                pass
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS >= 1 message (only with manual_ack=True).
