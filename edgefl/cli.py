@@ -140,6 +140,8 @@ def _federation_config(args: argparse.Namespace, out: str) -> object:
         fleet=fleet, rounds=args.rounds, local_steps=args.local_steps, learning_rate=args.lr,
         participation=args.participation, quorum=args.quorum, deadline_s=args.deadline,
         mode=args.mode, out_dir=Path(args.out or out), broker=args.broker,
+        update_encoding=args.update_encoding, update_topk=args.update_topk,
+        strategy=args.strategy,
     )
 
 
@@ -236,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of devices that closes a round at the deadline")
         p.add_argument("--deadline", type=float, default=deadline, help="round deadline, s")
         p.add_argument("--mode", choices=("sync", "async"), default="sync")
+        p.add_argument("--update-encoding", choices=ENCODINGS, default="fp32",
+                       help="how devices encode updates (compact ones send deltas)")
+        p.add_argument("--update-topk", type=float, help="send only this fraction of entries")
+        p.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGIES))
         p.add_argument("--dropout", type=float, default=0.0,
                        help="chance a device sits a round out")
         p.add_argument("--connection-loss", type=float, default=0.0,

@@ -55,6 +55,9 @@ class FederationConfig:
     quorum: float = 0.5  # fraction that closes it at the deadline
     deadline_s: float = 300.0
     mode: str = "sync"
+    update_encoding: str = "fp32"  # compact encodings make devices send quantised deltas
+    update_topk: float | None = None
+    strategy: str = "fedavg"
     eval_size: int = 2000
     out_dir: Path = Path("runs/demo")
     broker: str = "mosquitto"  # or "amqtt" to force the embedded broker
@@ -71,6 +74,11 @@ class RoundRow:
     bytes_up: int
     bytes_down: int
     seconds: float
+
+    @property
+    def bytes_per_update(self) -> float:
+        """Mean payload of one device update this round."""
+        return self.bytes_up / self.devices if self.devices else 0.0
 
 
 @dataclass
@@ -122,7 +130,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
             f"broker: [bold]{broker.kind}[/] on {broker.host}:{broker.port}; data: "
             f"{test.source}; {fleet.devices} devices ({', '.join(fleet.backends)}), Dirichlet "
             f"alpha={fleet.alpha}, dropout {fleet.dropout}, link loss {fleet.connection_loss}")
-        train = TrainConfig(config.local_steps, config.learning_rate)
+        train = TrainConfig(config.local_steps, config.learning_rate, config.update_encoding,
+                            config.update_topk)
         global_bytes = len(encode_global(GlobalModel(federation, 0, manifest.sha256, initial,
                                                      train)))
         loss0, acc0 = score(initial)
@@ -148,6 +157,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
             clients_per_round=max(1, round(config.participation * fleet.devices)),
             min_clients=max(1, round(config.quorum * fleet.devices)),
             round_deadline_s=config.deadline_s, train=train, mode=config.mode,
+            strategy=config.strategy,
         )
         agg_transport = MqttTransport(broker.host, broker.port, f"aggregator-{federation}",
                                       persistent_session=True, manual_ack=True,
