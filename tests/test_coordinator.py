@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
+import zstandard
 from safetensors.numpy import load_file
 
 from aggregator.coordinator import AggregatorConfig, Coordinator
@@ -71,6 +73,10 @@ def test_rejects_bad_updates_and_averages_good_ones(
     wrong_shape = _adapter_like(initial, 4)
     wrong_shape["head.weight"] = np.zeros((3, 3), np.float32)
     first_a = update("dev-a", good_a, num_samples=100)
+    other_schema = zstandard.ZstdCompressor().compress(safetensors.numpy.save(
+        {"x": np.ones(2, np.float32)},
+        metadata={"schema": "99", "kind": "update", "header": "{}"}))
+    oversized = b"\x28\xb5\x2f\xfd" + bytes(codec.MAX_PAYLOAD_BYTES)
     bad = {
         "malformed": b"\x00garbage",
         "manifest": codec.encode_update(update("dev-c", good_a, manifest_sha256="0" * 64)),
@@ -85,6 +91,8 @@ def test_rejects_bad_updates_and_averages_good_ones(
     assert watcher.receive(10) is not None  # round 3 opened
     for reason, payload in bad.items():
         send("intruder" if reason == "unknown-device" else "dev-c", payload)
+    send("dev-c", other_schema)  # a future schema version
+    send("dev-c", oversized)  # over MAX_PAYLOAD_BYTES (the broker's own limit is higher)
     send("dev-b", codec.encode_update(update("dev-c", good_a)))  # dev-c posing as dev-b
     send("dev-c", codec.encode_update(update("dev-c", wrong_shape)))
     send("dev-a", codec.encode_update(first_a))
@@ -96,12 +104,13 @@ def test_rejects_bad_updates_and_averages_good_ones(
     # Assert: one rejection per bad message, and the global is FedAvg of the two good updates
     assert not thread.is_alive()
     assert dict(coordinator.rejections) == {
-        "malformed": 1, "manifest": 1, "tensors": 2, "stale-round": 1, "future-round": 1,
+        "malformed": 3, "manifest": 1, "tensors": 2, "stale-round": 1, "future-round": 1,
         "federation": 1, "unknown-device": 1, "device-mismatch": 1, "duplicate": 1,
         "duplicate-device": 1,
     }
-    assert any("rejected update" in r.message and "NaN" in r.message for r in caplog.records
-               if r.levelno >= logging.WARNING)
+    warnings = [r.message for r in caplog.records if r.levelno >= logging.WARNING]
+    for reason in ("NaN", "schema version '99'", "exceeds", "unknown-device", "stale-round"):
+        assert any("rejected update" in m and reason in m for m in warnings), reason
     expected = fedavg([(good_a, 100.0), (good_b, 300.0)])
     final = None
     while (message := watcher.receive(5)) is not None:
