@@ -141,7 +141,7 @@ def _federation_config(args: argparse.Namespace, out: str) -> object:
         participation=args.participation, quorum=args.quorum, deadline_s=args.deadline,
         mode=args.mode, out_dir=Path(args.out or out), broker=args.broker,
         update_encoding=args.update_encoding, update_topk=args.update_topk,
-        strategy=args.strategy,
+        strategy=args.strategy, workload=args.workload,
     )
 
 
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--slowdown", default="1",
                        help="device compute slowdown range 'lo,hi' (1 = this machine)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--workload", choices=("fmnist-cnn", "fmnist-fedsq"), default="fmnist-cnn",
+                       help="fmnist-fedsq: FedSQ, gates fixed by a frozen structural copy")
         p.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
         p.add_argument("--out", help="results folder")
 

@@ -41,6 +41,8 @@ from workloads import fmnist
 
 logger = logging.getLogger(__name__)
 
+FLEET_WORKLOADS = ("fmnist-cnn", "fmnist-fedsq")  # fleets hold Fashion-MNIST shares
+
 
 @dataclass(frozen=True, slots=True)
 class FederationConfig:
@@ -59,6 +61,7 @@ class FederationConfig:
     update_topk: float | None = None
     strategy: str = "fedavg"
     eval_size: int = 2000
+    workload: str = "fmnist-cnn"  # or "fmnist-fedsq": the same CNN with FedSQ's fixed gates
     out_dir: Path = Path("runs/demo")
     broker: str = "mosquitto"  # or "amqtt" to force the embedded broker
 
@@ -103,8 +106,10 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
     console = console or Console()
     fleet = config.fleet
     # 1. artifacts: built once, then reused from the cache
-    with console.status("exporting the CNN training programs (cached after the first run)"):
-        artifacts = build_artifacts("fmnist-cnn")
+    if config.workload not in FLEET_WORKLOADS:
+        raise ValueError(f"fleets run {FLEET_WORKLOADS}, not {config.workload!r}")
+    with console.status(f"exporting {config.workload}'s training programs (cached after)"):
+        artifacts = build_artifacts(config.workload)
     manifest = load_manifest(artifacts)
     initial = load_file(str(artifacts / manifest.files["adapter_init"]))
     test = fmnist.load("t10k")

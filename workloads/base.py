@@ -64,6 +64,10 @@ def get_workload(name: str) -> Workload:
         from workloads.cnn import FmnistCnn
 
         return FmnistCnn()
+    if name == "fmnist-fedsq":
+        from workloads.fedsq import FmnistFedSq
+
+        return FmnistFedSq()
     if name == "minilm-fortunes":
         from workloads.minilm import MiniLmFortunes
 
