@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workloads import fmnist
 from workloads.base import cache_root, file_sha256
+from workloads.lora import with_lora_and_new_head
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +97,7 @@ class FmnistCnn:
         state = load_file(str(base_weights))
         del state["head.weight"], state["head.bias"]
         model.load_state_dict(state, strict=False)
-        torch.manual_seed(seed)
-        model.head.reset_parameters()
-        config = LoraConfig(
-            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-            target_modules=list(LORA_TARGETS), modules_to_save=["head"],
-        )
-        return get_peft_model(model, config).eval()
+        return with_lora_and_new_head(model, LORA_RANK, LORA_ALPHA, LORA_TARGETS, seed)
 
     def lora_summary(self) -> dict[str, object]:
         """LoRA settings recorded in the manifest."""

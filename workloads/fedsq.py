@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
 from workloads import fmnist
+from workloads.lora import with_lora_and_new_head
 from workloads.cnn import LORA_ALPHA, LORA_RANK, LORA_TARGETS, Cnn, FmnistCnn
 
 # A full-match regex, so peft adapts Q's fc1/fc2 and never the structural copy's
@@ -93,13 +93,7 @@ def build_fedsq(base_weights: Path, seed: int = 0) -> nn.Module:
         for part in ("weight", "bias"):
             state[f"structure.{layer}.{part}"] = state[f"{layer}.{part}"].clone()
     model.load_state_dict(state, strict=False)
-    torch.manual_seed(seed)
-    model.head.reset_parameters()
-    config = LoraConfig(
-        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-        target_modules=LORA_TARGET_REGEX, modules_to_save=["head"],
-    )
-    return get_peft_model(model, config).eval()
+    return with_lora_and_new_head(model, LORA_RANK, LORA_ALPHA, LORA_TARGET_REGEX, seed)
 
 
 class FmnistFedSq(FmnistCnn):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from protocol.tensors import TensorDict, canonical_key
@@ -33,3 +34,20 @@ def set_adapter(model: nn.Module, adapter: TensorDict) -> None:
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(torch.from_numpy(adapter[key]).to(p.dtype).reshape(p.shape))
+
+
+def with_lora_and_new_head(model: nn.Module, rank: int, alpha: int,
+                           targets: str | tuple[str, ...], seed: int) -> nn.Module:
+    """Reset `model.head` from `seed`, add LoRA on `targets`; only LoRA and the head train.
+
+    `targets` is a tuple of module names or one regular expression (peft accepts both).
+
+    Dropout stays 0 and the model is returned in eval mode, so every backend computes the
+    same function as the exported programs.
+    """
+    torch.manual_seed(seed)
+    model.head.reset_parameters()
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                        target_modules=targets if isinstance(targets, str) else list(targets),
+                        modules_to_save=["head"])
+    return get_peft_model(model, config).eval()

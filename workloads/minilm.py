@@ -17,7 +17,7 @@ from workloads import fortunes
 # so it only helps if nothing imported it yet; every load below also passes local_files_only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402  (after the offline switch)
+from workloads.lora import with_lora_and_new_head  # noqa: E402  (imports peft: after the switch)
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +121,7 @@ class MiniLmFortunes:
             attention_probs_dropout_prob=0.0,
         )
         model = MiniLmClassifier(bert, len(self.labels), self.tokenizer.pad_token_id)
-        torch.manual_seed(seed)
-        model.head.reset_parameters()
-        config = LoraConfig(
-            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-            target_modules=list(LORA_TARGETS), modules_to_save=["head"],
-        )
-        return get_peft_model(model, config).eval()
+        return with_lora_and_new_head(model, LORA_RANK, LORA_ALPHA, LORA_TARGETS, seed)
 
     def lora_summary(self) -> dict[str, object]:
         """LoRA settings recorded in the manifest."""
