@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.exact import exact_aggregate, merge_residuals
 from aggregator.privacy import dp_strategy
 from aggregator.robust import clip_update
 from aggregator.store import GlobalStore, OpenRound
@@ -24,7 +25,13 @@ from aggregator.strategies import (
     weighted_mean,
 )
 from protocol import topics
-from protocol.codec import DecodeError, decode_status, decode_update, encode_global
+from protocol.codec import (
+    RESIDUAL_PREFIX,
+    DecodeError,
+    decode_status,
+    decode_update,
+    encode_global,
+)
 from protocol.manifest import Manifest
 from protocol.messages import GlobalModel, TrainConfig, Update
 from protocol.signing import SignatureError, SigningRegistry, open_signed
@@ -38,6 +45,9 @@ POLL_S = 0.2  # how often the loop wakes to check the deadline when no message a
 # whole round's updates, which are then kept in the store.
 STREAMING_STRATEGIES = ("fedavg", "flora")
 DP_STRATEGY = "dp-fedavg"
+# FedEx-style exact aggregation: FedAvg plus a residual that devices fold into frozen weights.
+EXACT_STRATEGY = "exact"
+SPECIAL_STRATEGIES = (DP_STRATEGY, EXACT_STRATEGY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +86,12 @@ class AggregatorConfig:
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         if self.max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
-        if self.strategy not in (*STRATEGIES, DP_STRATEGY):
+        if self.strategy not in (*STRATEGIES, *SPECIAL_STRATEGIES):
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from "
-                             f"{sorted((*STRATEGIES, DP_STRATEGY))}")
+                             f"{sorted((*STRATEGIES, *SPECIAL_STRATEGIES))}")
         if self.strategy == DP_STRATEGY and not (self.clip_norm and self.dp_noise_multiplier):
             raise ValueError("dp-fedavg needs clip_norm and dp_noise_multiplier")
-        if self.mode == "async" and self.strategy not in STREAMING_STRATEGIES:
+        if self.mode == "async" and self.strategy not in STREAMING_STRATEGIES:  # exact too
             raise ValueError("async mode aggregates with FedAvg only")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError("clip_norm must be positive")
@@ -131,9 +141,11 @@ class Coordinator:
         self.rng = np.random.default_rng(config.seed)
         self.rejections: Counter[str] = Counter()
         self.online: set[str] = set()
+        self.base_residual: TensorDict = {}  # exact aggregation: cumulative residual factors
         resumed = store.latest()
         if resumed is not None:
-            self.round, self.adapter, _ = resumed
+            self.round, saved, _ = resumed
+            self.adapter, self.base_residual = _split_residual(saved)
             logger.info("resuming federation %s at round %d", config.federation, self.round)
         else:
             self.round, self.adapter = 0, initial_adapter
@@ -153,7 +165,7 @@ class Coordinator:
         self._last_publish = self.now()
         message = GlobalModel(
             self.config.federation, self.round, self.manifest_sha256, self.adapter,
-            self.config.train, final,
+            self.config.train, final, self.base_residual,
         )
         self.transport.publish(
             topics.global_topic(self.config.federation), encode_global(message), qos=1, retain=True
@@ -220,7 +232,9 @@ class Coordinator:
             return
         state = self.open
         # The global this device started from: the open round's, or (async) an older one.
-        base = self.adapter if update.round == self.round else self.store.global_at(update.round)
+        stored = None if update.round == self.round else self.store.global_at(update.round)
+        base = self.adapter if update.round == self.round else (
+            None if stored is None else _split_residual(stored)[0])
         if base is None:
             self.rejections["stale-round"] += 1
             logger.warning("no stored global for round %d; dropped %s", update.round,
@@ -278,6 +292,9 @@ class Coordinator:
             assert state.sums is not None
             weight = state.sums.weight
             self.adapter = weighted_mean(state.sums)
+        elif self.config.strategy == EXACT_STRATEGY:
+            weight = sum(w for _, w in state.buffer)
+            self.adapter, self.base_residual = self._exact_step(state.buffer)
         else:
             weight = sum(w for _, w in state.buffer)
             self.adapter = self._round_strategy()(state.buffer)
@@ -287,10 +304,23 @@ class Coordinator:
             metrics={k: v / weight for k, v in state.metric_sums.items()},
         )
         self.round += 1
-        self.store.save(self.round, self.adapter, {"closed": list(record.devices)})
+        self.store.save(self.round, self.adapter | _prefixed(self.base_residual),
+                        {"closed": list(record.devices)})
         self.open = OpenRound(self.round)
         self._start_clock()
         return record
+
+    def _exact_step(self, updates: list[tuple[TensorDict, float]]) -> tuple[TensorDict, TensorDict]:
+        """FedAvg adapter and the new cumulative residual (scaled factors, per LoRA layer)."""
+        adapter, residual = exact_aggregate(updates)
+        scaling = float(self.manifest.lora["alpha"]) / float(self.manifest.lora["r"])
+        scaled = {layer: (scaling * u, v) for layer, (u, v) in residual.items()}
+        previous = {layer: (self.base_residual[f"{layer}.U"], self.base_residual[f"{layer}.V"])
+                    for layer in scaled if f"{layer}.U" in self.base_residual}
+        merged = merge_residuals([previous, scaled]) if previous else scaled
+        return adapter, {f"{layer}.{part}": factor.astype(np.float32)
+                         for layer, (u, v) in merged.items()
+                         for part, factor in (("U", u), ("V", v))}
 
     def _round_strategy(self) -> Strategy:
         """The strategy for the round being closed (some depend on its global)."""
@@ -357,6 +387,18 @@ class Coordinator:
                 except TransportError as exc:
                     logger.warning("could not publish the final global yet: %s", exc)
             time.sleep(1.0)
+
+
+def _prefixed(residual: TensorDict) -> TensorDict:
+    return {RESIDUAL_PREFIX + k: v for k, v in residual.items()}
+
+
+def _split_residual(saved: TensorDict) -> tuple[TensorDict, TensorDict]:
+    """A stored global -> (adapter, residual factors); the store keeps both in one blob."""
+    adapter = {k: v for k, v in saved.items() if not k.startswith(RESIDUAL_PREFIX)}
+    residual = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in saved.items()
+                if k.startswith(RESIDUAL_PREFIX)}
+    return adapter, residual
 
 
 def adapter_distance(a: TensorDict, b: TensorDict) -> float:

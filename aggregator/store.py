@@ -130,6 +130,12 @@ class GlobalStore:
                  json.dumps(state.metric_sums), state.bytes),
             )
 
+    def accepted_adapters(self, round_number: int) -> list[tuple[TensorDict, float]]:
+        """(adapter, weight) of the updates kept for `round_number` (non-streaming strategies)."""
+        rows = self.db.execute("SELECT adapter, weight FROM accepted WHERE round = ? AND "
+                               "adapter IS NOT NULL ORDER BY rowid", (round_number,))
+        return [(load_tensors(blob), float(weight)) for blob, weight in rows]
+
     def is_accepted(self, update_id: str) -> bool:
         """Whether an update id was ever counted (in any round)."""
         return self.db.execute("SELECT 1 FROM accepted WHERE update_id = ?",

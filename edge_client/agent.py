@@ -101,6 +101,17 @@ class DeviceAgent:
             return None
         if message.final or message.round <= self.state.last_round:
             return None
+        if message.base_residual:
+            # Exact aggregation: the frozen weights follow the server's cumulative residual.
+            layers = {k.rsplit(".", 1)[0] for k in message.base_residual}
+            try:
+                self.trainer.set_base_delta({
+                    layer: message.base_residual[f"{layer}.U"] @ message.base_residual[f"{layer}.V"]
+                    for layer in layers})
+            except (NotImplementedError, KeyError, ValueError) as exc:
+                logger.error("%s: cannot apply the global's base residual (%s); skipping round %d",
+                             self.device_id, exc, message.round)
+                return None
         self.trainer.set_adapter(message.adapter)
         self.trainer.set_learning_rate(message.train.learning_rate)
         result = train_local(self.trainer, self.inputs, self.labels,

@@ -59,6 +59,20 @@ class Trainer(Protocol):
         """Class scores of one batch, without changing the adapter."""
         ...
 
+    def set_base_delta(self, deltas: dict[str, np.ndarray]) -> None:
+        """Run with frozen weight W0 + delta for each LoRA layer (exact aggregation).
+
+        `deltas` maps a layer path (e.g. "fc1") to a (d_out, d_in) matrix and replaces any
+        earlier delta: W0 itself is kept. Raises NotImplementedError where frozen weights are
+        compiled into the program (ExecuTorch).
+        """
+        ...
+
+
+def base_weight_name(layer: str) -> str:
+    """Native (peft) name of a LoRA layer's frozen weight, shared by torch and ONNX Runtime."""
+    return f"base_model.model.{layer}.base_layer.weight"
+
 
 def make_trainer(
     backend: str, artifact_dir: Path, learning_rate: float = DEFAULT_LEARNING_RATE

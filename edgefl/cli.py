@@ -173,7 +173,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
-    from aggregator.coordinator import DP_STRATEGY
+    from aggregator.coordinator import SPECIAL_STRATEGIES
     from aggregator.strategies import STRATEGIES
     from edge_client.trainer import BACKENDS
     from edgefl.gateway import add_gateway_parser
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--strategy", default="fedavg",
-                   choices=sorted((*STRATEGIES, DP_STRATEGY)))
+                   choices=sorted((*STRATEGIES, *SPECIAL_STRATEGIES)))
     p.add_argument("--update-encoding", choices=ENCODINGS, default="fp32",
                    help="how devices encode updates (compact ones send deltas)")
     p.add_argument("--update-topk", type=float, help="send only this fraction of entries")
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--update-encoding", choices=ENCODINGS, default="fp32",
                        help="how devices encode updates (compact ones send deltas)")
         p.add_argument("--update-topk", type=float, help="send only this fraction of entries")
-        p.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGIES))
+        p.add_argument("--strategy", default="fedavg",
+                       choices=sorted((*STRATEGIES, *SPECIAL_STRATEGIES)))
         p.add_argument("--dropout", type=float, default=0.0,
                        help="chance a device sits a round out")
         p.add_argument("--connection-loss", type=float, default=0.0,

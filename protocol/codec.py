@@ -32,6 +32,10 @@ MAX_DENSE_BYTES = MAX_DECOMPRESSED_BYTES
 _ZSTD_LEVEL = 3  # zstd's default: most of the gain, fast on a phone
 
 
+# Tensor-name prefix of a global's residual factors; "/" never occurs in adapter names.
+RESIDUAL_PREFIX = "base_residual/"
+
+
 class DecodeError(ValueError):
     """Bytes that are not a valid message of the expected kind and schema."""
 
@@ -142,7 +146,8 @@ def encode_global(message: GlobalModel) -> bytes:
         "update_topk": message.train.update_topk,
         "final": message.final,
     }
-    return _pack("global", header, message.adapter)
+    residual = {RESIDUAL_PREFIX + k: v for k, v in message.base_residual.items()}
+    return _pack("global", header, message.adapter | residual)
 
 
 def decode_global(data: bytes) -> GlobalModel:
@@ -163,9 +168,11 @@ def decode_global(data: bytes) -> GlobalModel:
         federation=_field(header, "federation", str),
         round=_field(header, "round", int),
         manifest_sha256=_field(header, "manifest_sha256", str),
-        adapter=tensors,
+        adapter={k: v for k, v in tensors.items() if not k.startswith(RESIDUAL_PREFIX)},
         train=train,
         final=_field(header, "final", bool),
+        base_residual={k.removeprefix(RESIDUAL_PREFIX): v for k, v in tensors.items()
+                       if k.startswith(RESIDUAL_PREFIX)},
     )
 
 

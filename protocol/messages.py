@@ -35,6 +35,8 @@ class GlobalModel:
     """Aggregator -> devices (retained): the global adapter that opens `round`.
 
     `final` marks the last message of a federation: devices stop instead of training.
+    `base_residual` (exact aggregation only) holds, per LoRA layer, factors `<layer>.U` and
+    `<layer>.V` of the cumulative residual: devices run with frozen weight W0 + U @ V.
     """
 
     federation: str
@@ -43,6 +45,7 @@ class GlobalModel:
     adapter: TensorDict
     train: TrainConfig = field(default_factory=TrainConfig)
     final: bool = False
+    base_residual: TensorDict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

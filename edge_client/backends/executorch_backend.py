@@ -79,6 +79,12 @@ class ExecuTorchTrainer:
                  for n, g in self.module.named_gradients().items()}
         return float(loss), grads
 
+    def set_base_delta(self, deltas: dict[str, np.ndarray]) -> None:
+        """Not possible: the .pte holds frozen weights as constants, not as mutable tensors."""
+        raise NotImplementedError(
+            "ExecuTorch programs compile frozen weights in; exact aggregation needs devices "
+            "on the torch or onnxruntime backend")
+
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Class scores (the program also computes gradients; they are discarded)."""
         _, logits, *_ = self._run(inputs, np.zeros(len(inputs), dtype=np.int64))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.trainer import StepResult, correct_count
+from edge_client.trainer import StepResult, base_weight_name, correct_count
 from protocol.manifest import Manifest
 from protocol.tensors import TensorDict, canonical_key
 
@@ -29,6 +29,7 @@ class OrtTrainer:
         )
         self.optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), self.module)
         self.optimizer.set_learning_rate(learning_rate)
+        self._base_weights: dict[str, np.ndarray] = {}  # W0 of layers given a base delta
         self._native = {
             canonical_key(name): name for name, param in self.state.parameters
             if param.requires_grad
@@ -63,6 +64,13 @@ class OrtTrainer:
         grads = {k: self.state.parameters[n].grad.copy() for k, n in self._native.items()}
         self.module.lazy_reset_grad()
         return float(loss), grads
+
+    def set_base_delta(self, deltas: dict[str, np.ndarray]) -> None:
+        """Frozen weight of each layer := W0 + delta; frozen weights live in the checkpoint state."""
+        for layer, delta in deltas.items():
+            name = base_weight_name(layer)
+            original = self._base_weights.setdefault(layer, self.state.parameters[name].data.copy())
+            self.state.parameters[name] = (original + delta).astype(original.dtype)
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Class scores from the eval graph."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edge_client.trainer import StepResult, correct_count
+from edge_client.trainer import StepResult, base_weight_name, correct_count
 from protocol.manifest import Manifest
 from protocol.tensors import TensorDict
 from workloads.base import file_sha256, get_workload
@@ -28,6 +28,7 @@ class TorchTrainer:
         self.model = workload.build(base, seed=int(manifest.lora.get("seed", 0)))
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self._params, lr=learning_rate)
+        self._base_weights: dict[str, torch.Tensor] = {}  # W0 of layers given a base delta
 
     def set_adapter(self, adapter: TensorDict) -> None:
         """Overwrite the adapter."""
@@ -67,6 +68,15 @@ class TorchTrainer:
         }
         self.optimizer.zero_grad()
         return loss.item(), grads
+
+    def set_base_delta(self, deltas: dict[str, np.ndarray]) -> None:
+        """Frozen weight of each layer := W0 + delta (W0 kept from the first call)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for layer, delta in deltas.items():
+                weight = params[base_weight_name(layer)]
+                original = self._base_weights.setdefault(layer, weight.detach().clone())
+                weight.copy_(original + torch.from_numpy(delta).to(weight.dtype))
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Class scores, no gradient."""
