@@ -45,6 +45,22 @@ def _gateway_connection(args: argparse.Namespace, identity: str) -> dict:
     return {"host": files.host, "port": files.port, "tls": files.tls_for(identity)}
 
 
+def dp_report(args: argparse.Namespace) -> str | None:
+    """The (ε, δ) a dp-fedavg federation will have spent after all its rounds, as a line."""
+    if args.strategy != "dp-fedavg":
+        return None
+    population = args.dp_population or args.clients_per_round
+    sample_rate = min(1.0, args.clients_per_round / population)
+    try:
+        from edgefl.privacy_accounting import epsilon
+
+        eps = epsilon(args.dp_noise, sample_rate, args.rounds, args.dp_delta)
+    except ImportError as exc:  # Opacus needs torch, which the gateway image leaves out
+        return f"client-level DP: ε not computed here ({exc}); run `edgefl` with the device extras"
+    return (f"client-level DP: ε = {eps:.2f} at δ = {args.dp_delta:g} after {args.rounds} rounds "
+            f"(noise multiplier {args.dp_noise}, sample rate {sample_rate:.3g}, RDP accountant)")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Build (or find in the cache) a workload's training programs; print the folder."""
     from export.build import build_artifacts
@@ -89,6 +105,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
                               load_file(str(artifacts / manifest.files["adapter_init"])), transport,
                               GlobalStore(Path(args.state_dir) / args.federation),
                               registry=registry)
+    report = dp_report(args)
+    if report:
+        print(report, flush=True)
     status = None
     if args.status_port is not None:
         from aggregator.status import StatusServer
@@ -217,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, help="clip each update's change to this L2 norm")
     p.add_argument("--dp-noise", type=float,
                    help="dp-fedavg: Gaussian noise multiplier (with --clip-norm)")
+    p.add_argument("--dp-population", type=int,
+                   help="dp-fedavg: devices in the fleet, for the sampling rate of the ε "
+                        "accountant (default: --clients-per-round, i.e. everyone every round)")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="dp-fedavg: δ of (ε, δ)-DP")
     p.add_argument("--status-port", type=int,
                    help="serve the status page, /api/status, /metrics and /healthz on this port")
     p.add_argument("--status-host", default="127.0.0.1",
