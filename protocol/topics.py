@@ -17,30 +17,33 @@ def global_topic(federation: str) -> str:
     return f"{ROOT}/{_check_segment(federation, 'federation')}/global"
 
 
+def _device_topic(federation: str, kind: str, device_id: str) -> str:
+    return (f"{ROOT}/{_check_segment(federation, 'federation')}/{kind}/"
+            f"{_check_segment(device_id, 'device id')}")
+
+
+def _all_devices(federation: str, kind: str) -> str:
+    return f"{ROOT}/{_check_segment(federation, 'federation')}/{kind}/+"
+
+
 def update_topic(federation: str, device_id: str) -> str:
     """A device's update for the open round (device -> aggregator, QoS 1)."""
-    return (
-        f"{ROOT}/{_check_segment(federation, 'federation')}/update/"
-        f"{_check_segment(device_id, 'device id')}"
-    )
+    return _device_topic(federation, "update", device_id)
 
 
 def update_filter(federation: str) -> str:
     """Subscription filter matching every device's update topic."""
-    return f"{ROOT}/{_check_segment(federation, 'federation')}/update/+"
+    return _all_devices(federation, "update")
 
 
 def status_topic(federation: str, device_id: str) -> str:
     """Retained: a device's online/offline status (offline is its MQTT last will)."""
-    return (
-        f"{ROOT}/{_check_segment(federation, 'federation')}/status/"
-        f"{_check_segment(device_id, 'device id')}"
-    )
+    return _device_topic(federation, "status", device_id)
 
 
 def status_filter(federation: str) -> str:
     """Subscription filter matching every device's status topic."""
-    return f"{ROOT}/{_check_segment(federation, 'federation')}/status/+"
+    return _all_devices(federation, "status")
 
 
 def parse_device_topic(topic: str) -> tuple[str, str, str]:
