@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -75,6 +76,11 @@ class Broker:
         conf = Path(self._tmp.name) / "mosquitto.conf"
         persistence = (f"persistence true\npersistence_location {self.persistence_dir}/\n"
                        if self.persistence_dir else "persistence false\n")
+        if self.persistence_dir and os.geteuid() == 0:
+            # Started as root, Mosquitto drops to its own user, which cannot write a folder
+            # under root's 0700 temporary directories: it would then persist nothing, silently.
+            # This launcher serves loopback tests and demos, so it keeps root instead.
+            persistence += "user root\n"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
