@@ -35,7 +35,7 @@ from protocol.codec import (
 from protocol.manifest import Manifest
 from protocol.messages import GlobalModel, TrainConfig, Update
 from protocol.signing import SignatureError, SigningRegistry, open_signed
-from protocol.tensors import TensorDict, check_finite
+from protocol.tensors import TensorDict, check_finite, shared
 from transport import Received, Transport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ class Coordinator:
         on_round: Callable[[RoundRecord, TensorDict], None] | None = None,
         registry: SigningRegistry | None = None,
     ) -> None:
-        manifest.check_adapter(initial_adapter)
+        initial_adapter = shared(initial_adapter)  # personal tensors (CoLoRA cores) never travel
+        manifest.check_adapter(initial_adapter, shared_only=True)
         self.config, self.manifest, self.transport, self.store = config, manifest, transport, store
         self.now = now
         self.on_round = on_round
@@ -206,7 +207,8 @@ class Coordinator:
         if device_id in self.open.reported:
             raise Rejected("duplicate-device", f"{device_id} already reported round {self.round}")
         try:
-            self.manifest.check_adapter(update.adapter)
+            # shared_only: an update carrying a personal tensor is refused, not just ignored.
+            self.manifest.check_adapter(update.adapter, shared_only=True)
             check_finite(update.adapter)
         except ValueError as exc:
             raise Rejected("tensors", str(exc)) from exc

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aggregator.strategies import WeightedAdapter, fedavg
+from protocol import tensors as protocol_tensors
 from protocol.tensors import TensorDict
 
 # Module-path segments that mark a tensor as personal. The head is not personal by default: the
 # paper shares everything but the cores; a per-device head is an opt-in deviation.
-PERSONAL_SEGMENTS = ("lora_S",)
+PERSONAL_SEGMENTS = protocol_tensors.PERSONAL_SEGMENTS
 
 
 def is_personal(key: str, personal: Sequence[str] = PERSONAL_SEGMENTS) -> bool:

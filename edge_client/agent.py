@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.numpy import load_file, save_file
 
 from edge_client.trainer import Trainer, train_local
 from protocol import topics
 from protocol.codec import DecodeError, decode_global, encode_status, encode_update
 from protocol.messages import GlobalModel, TrainConfig, Update
 from protocol.signing import sign_payload
+from protocol.tensors import TensorDict, is_personal, shared
 from transport import Transport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class DeviceAgent:
         self.pending = self._load_pending()
         self.rng = np.random.default_rng(seed)
         self.signing_key = signing_key
+        self.personal_path = Path(state_dir) / f"{device_id}.personal.safetensors" if state_dir \
+            else None
+        self.personal = self._load_personal()
         self.rounds_trained = 0
 
     @staticmethod
@@ -112,11 +117,15 @@ class DeviceAgent:
                 logger.error("%s: cannot apply the global's base residual (%s); skipping round %d",
                              self.device_id, exc, message.round)
                 return None
-        self.trainer.set_adapter(message.adapter)
+        self.trainer.set_adapter(message.adapter | self.personal)
         self.trainer.set_learning_rate(message.train.learning_rate)
         result = train_local(self.trainer, self.inputs, self.labels,
                              message.train.local_steps, self.rng)
-        adapter = self.trainer.get_adapter()
+        trained = self.trainer.get_adapter()
+        # Personal tensors (CoLoRA cores) stay here: kept on disk, never uploaded.
+        self.personal = {k: v for k, v in trained.items() if is_personal(k)}
+        self._save_personal()
+        adapter = shared(trained)
         # Compact encodings quantise what is sent; the change from the global is small and
         # quantises with far less error than the adapter itself, so send that instead.
         compact = message.train.update_encoding != "fp32" or message.train.update_topk
@@ -136,6 +145,20 @@ class DeviceAgent:
         if self.signing_key is not None:
             payload = sign_payload(self.signing_key, self.device_id, payload)
         return payload
+
+    # -- personal tensors survive restarts ------------------------------------------------
+    def _load_personal(self) -> TensorDict:
+        if self.personal_path is not None and self.personal_path.exists():
+            return load_file(str(self.personal_path))
+        return {k: v for k, v in self.trainer.get_adapter().items() if is_personal(k)}
+
+    def _save_personal(self) -> None:
+        if self.personal_path is None or not self.personal:
+            return
+        self.personal_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.personal_path.with_suffix(".tmp")
+        save_file(self.personal, str(tmp))
+        tmp.replace(self.personal_path)
 
     # -- unsent updates survive restarts and outages --------------------------------------
     def _save_pending(self, round_number: int, payload: bytes) -> None:

@@ -287,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--slowdown", default="1",
                        help="device compute slowdown range 'lo,hi' (1 = this machine)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--workload", choices=("fmnist-cnn", "fmnist-fedsq"), default="fmnist-cnn",
-                       help="fmnist-fedsq: FedSQ, gates fixed by a frozen structural copy")
+        p.add_argument("--workload", choices=("fmnist-cnn", "fmnist-fedsq", "fmnist-colora"),
+                       default="fmnist-cnn",
+                       help="fmnist-fedsq: FedSQ, gates fixed by a frozen structural copy; "
+                            "fmnist-colora: CoLoRA, a personal r x r core per device")
         p.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
         p.add_argument("--out", help="results folder")
 

@@ -41,7 +41,7 @@ from workloads import fmnist
 
 logger = logging.getLogger(__name__)
 
-FLEET_WORKLOADS = ("fmnist-cnn", "fmnist-fedsq")  # fleets hold Fashion-MNIST shares
+FLEET_WORKLOADS = ("fmnist-cnn", "fmnist-fedsq", "fmnist-colora")  # fleets hold Fashion-MNIST shares
 
 
 @dataclass(frozen=True, slots=True)

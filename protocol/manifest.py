@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.tensors import TensorDict
+from protocol.tensors import TensorDict, is_personal
 
 MANIFEST_FILE = "manifest.json"
 
@@ -52,14 +52,19 @@ class Manifest:
                 return spec
         raise KeyError(name)
 
-    def check_adapter(self, tensors: TensorDict) -> None:
-        """Raise ValueError if the tensors do not match the manifest's names, shapes and dtypes."""
-        expected = {s.name for s in self.tensors}
+    def check_adapter(self, tensors: TensorDict, shared_only: bool = False) -> None:
+        """Raise ValueError if the tensors do not match the manifest's names, shapes and dtypes.
+
+        With `shared_only`, the expected names are those that travel (no personal tensors).
+        """
+        expected = {s.name for s in self.tensors if not (shared_only and is_personal(s.name))}
         got = set(tensors)
         if got != expected:
             missing, extra = sorted(expected - got), sorted(got - expected)
             raise ValueError(f"adapter tensor names differ: missing {missing}, unexpected {extra}")
         for spec in self.tensors:
+            if spec.name not in expected:
+                continue
             array = tensors[spec.name]
             if tuple(array.shape) != spec.shape:
                 raise ValueError(f"tensor {spec.name!r} has shape {array.shape}, expected {spec.shape}")

@@ -26,6 +26,21 @@ def canonical_key(native_name: str) -> str:
     return _ADAPTER_SEGMENT.sub("", _WRAPPER_PREFIX.sub("", native_name))
 
 
+# Tensors with one of these name segments are personal (CoLoRA's r×r cores, `fc1.lora_S.weight`):
+# they train on the device and never leave it; globals and updates carry the shared ones only.
+PERSONAL_SEGMENTS = ("lora_S",)
+
+
+def is_personal(name: str) -> bool:
+    """Whether a canonical tensor name is device-private."""
+    return any(segment in PERSONAL_SEGMENTS for segment in name.split("."))
+
+
+def shared(tensors: TensorDict) -> TensorDict:
+    """The tensors that travel: all but the personal ones."""
+    return {k: v for k, v in tensors.items() if not is_personal(k)}
+
+
 def check_finite(tensors: TensorDict) -> None:
     """Raise ValueError naming the first tensor that holds NaN or Inf."""
     for name, array in tensors.items():

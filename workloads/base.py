@@ -68,6 +68,10 @@ def get_workload(name: str) -> Workload:
         from workloads.fedsq import FmnistFedSq
 
         return FmnistFedSq()
+    if name == "fmnist-colora":
+        from workloads.colora import FmnistCoLora
+
+        return FmnistCoLora()
     if name == "minilm-fortunes":
         from workloads.minilm import MiniLmFortunes
 

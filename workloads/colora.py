@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from protocol.tensors import TensorDict, canonical_key
-from workloads.cnn import LORA_ALPHA, LORA_RANK, LORA_TARGETS, Cnn
+from workloads.cnn import LORA_ALPHA, LORA_RANK, LORA_TARGETS, Cnn, FmnistCnn
 from workloads.lora import get_adapter
 
 CORE = "lora_S"  # the module name of a personal core; aggregator.personal treats it as personal
@@ -124,3 +124,17 @@ def restore_cores(model: nn.Module, path: Path) -> bool:
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {canonical_key(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class FmnistCoLora(FmnistCnn):
+    """The CNN workload with CoLoRA on fc1/fc2: devices train and keep a personal core each."""
+
+    name = "fmnist-colora"
+
+    def build(self, base_weights: Path, seed: int = 0) -> nn.Module:
+        """The CoLoRA model (see build_colora_cnn)."""
+        return build_colora_cnn(base_weights, seed)
+
+    def lora_summary(self) -> dict[str, object]:
+        """LoRA settings plus the personal cores, for the manifest."""
+        return super().lora_summary() | {"personal": f"{CORE}: r x r core per layer, on device"}

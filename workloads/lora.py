@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from protocol.tensors import TensorDict, canonical_key
+from protocol.tensors import TensorDict, canonical_key, is_personal
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -24,16 +24,21 @@ def get_adapter(model: nn.Module) -> TensorDict:
 
 
 def set_adapter(model: nn.Module, adapter: TensorDict) -> None:
-    """Overwrite the trainable tensors from a canonical TensorDict (all names must match)."""
+    """Overwrite the trainable tensors from a canonical TensorDict.
+
+    Every name must match, except that personal tensors may be left out (they keep their values).
+    """
     params = {canonical_key(n): p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(adapter):
+    missing = {k for k in set(params) - set(adapter) if not is_personal(k)}
+    unexpected = set(adapter) - set(params)
+    if missing or unexpected:
         raise ValueError(
-            f"adapter names differ: missing {sorted(set(params) - set(adapter))}, "
-            f"unexpected {sorted(set(adapter) - set(params))}"
+            f"adapter names differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(torch.from_numpy(adapter[key]).to(p.dtype).reshape(p.shape))
+        for key, array in adapter.items():
+            p = params[key]
+            p.copy_(torch.from_numpy(array).to(p.dtype).reshape(p.shape))
 
 
 def with_lora_and_new_head(model: nn.Module, rank: int, alpha: int,

@@ -9,7 +9,7 @@ import torch
 
 from edge_client.trainer import StepResult, correct_count
 from protocol.manifest import Manifest
-from protocol.tensors import TensorDict, canonical_key
+from protocol.tensors import TensorDict, canonical_key, is_personal
 
 
 class ExecuTorchTrainer:
@@ -51,10 +51,11 @@ class ExecuTorchTrainer:
 
     def set_adapter(self, adapter: TensorDict) -> None:
         """Copy the adapter into the program's parameter memory."""
-        self.manifest.check_adapter(adapter)
+        self.manifest.check_adapter(adapter, shared_only=not any(map(is_personal, adapter)))
         with torch.no_grad():
             for key, tensor in self._params.items():
-                tensor.copy_(torch.from_numpy(adapter[key]))
+                if key in adapter:  # personal tensors keep their values when only shared come
+                    tensor.copy_(torch.from_numpy(adapter[key]))
 
     def get_adapter(self) -> TensorDict:
         """Copy of the adapter."""

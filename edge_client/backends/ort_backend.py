@@ -8,7 +8,7 @@ import numpy as np
 
 from edge_client.trainer import StepResult, base_weight_name, correct_count
 from protocol.manifest import Manifest
-from protocol.tensors import TensorDict, canonical_key
+from protocol.tensors import TensorDict, canonical_key, is_personal
 
 
 class OrtTrainer:
@@ -37,9 +37,10 @@ class OrtTrainer:
 
     def set_adapter(self, adapter: TensorDict) -> None:
         """Write the adapter into the checkpoint state (shared by train and eval graphs)."""
-        self.manifest.check_adapter(adapter)
+        self.manifest.check_adapter(adapter, shared_only=not any(map(is_personal, adapter)))
         for key, native in self._native.items():
-            self.state.parameters[native] = np.ascontiguousarray(adapter[key])
+            if key in adapter:  # personal tensors keep their values when only shared come
+                self.state.parameters[native] = np.ascontiguousarray(adapter[key])
 
     def get_adapter(self) -> TensorDict:
         """Copy of the adapter."""

@@ -7,7 +7,7 @@ import torch
 
 from edge_client.trainer import StepResult, base_weight_name, correct_count
 from protocol.manifest import Manifest
-from protocol.tensors import TensorDict
+from protocol.tensors import TensorDict, is_personal
 from workloads.base import file_sha256, get_workload
 from workloads.lora import get_adapter, set_adapter
 
@@ -32,7 +32,7 @@ class TorchTrainer:
 
     def set_adapter(self, adapter: TensorDict) -> None:
         """Overwrite the adapter."""
-        self.manifest.check_adapter(adapter)
+        self.manifest.check_adapter(adapter, shared_only=not any(map(is_personal, adapter)))
         set_adapter(self.model, adapter)
 
     def get_adapter(self) -> TensorDict:
