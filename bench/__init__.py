@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints one JSON object to stdout and a short summary to stderr."""
