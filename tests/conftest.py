@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from aggregator.coordinator import Coordinator, RoundRecord
+from edge_client.agent import DeviceAgent
 from protocol.tensors import TensorDict
 from transport.broker import Broker
+from transport.mqtt import MqttTransport
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +40,20 @@ def cnn_artifacts() -> Path:
     from export.build import build_artifacts
 
     return build_artifacts("fmnist-cnn")
+
+
+def run_rounds(coordinator: Coordinator, agents: list[DeviceAgent],
+               aggregator_transport: MqttTransport) -> list[RoundRecord]:
+    """Run the devices on threads and the coordinator here until its last round; then tidy up."""
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for thread in threads:
+        thread.start()
+    try:
+        return coordinator.run()
+    finally:
+        for thread in threads:
+            thread.join(30)
+        aggregator_transport.stop()
 
 
 def make_adapter(seed: int, shapes: dict[str, tuple[int, ...]]) -> TensorDict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from protocol.manifest import load_manifest
 from protocol.messages import TrainConfig, Update
 from protocol.tensors import is_personal
 from transport.broker import Broker
+from tests.conftest import run_rounds
 from transport.mqtt import MqttTransport
 
 FED = "colora"
@@ -58,15 +58,9 @@ def test_personal_cores_train_on_devices_and_never_travel(
     agents = [_agent(mosquitto, colora_artifacts, backend, private.subset(parts[i]),
                      tmp_path / "devices")
               for i, backend in enumerate(("executorch", "onnxruntime"))]
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-    for thread in threads:
-        thread.start()
 
     # Execute
-    records = coordinator.run()
-    for thread in threads:
-        thread.join(30)
-    agg.stop()
+    records = run_rounds(coordinator, agents, agg)
 
     # Assert: no personal tensor in any global; each device trained its own core and kept it
     assert [len(r.devices) for r in records] == [2, 2]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from edge_client.trainer import make_trainer
 from protocol.manifest import load_manifest
 from protocol.messages import GlobalModel, TrainConfig
 from transport.broker import Broker
+from tests.conftest import run_rounds
 from transport.mqtt import MqttTransport
 from workloads import fmnist
 
@@ -57,15 +57,9 @@ def test_exact_federation_equals_the_mean_of_client_models(
                                   will=DeviceAgent.will(FED, backend))
         agents.append(DeviceAgent(backend, FED, make_trainer(backend, cnn_artifacts), data.x,
                                   data.y, transport, seed=i))
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-    for thread in threads:
-        thread.start()
 
     # Execute
-    records = coordinator.run()
-    for thread in threads:
-        thread.join(30)
-    agg.stop()
+    records = run_rounds(coordinator, agents, agg)
 
     # Assert: after each round, W0 + R_cum + s·B̄Ā == Σ p_k (W0 + R_cum_before + s·B_k A_k)
     assert [len(r.devices) for r in records] == [2, 2]

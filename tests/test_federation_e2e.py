@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from protocol.codec import decode_status
 from protocol.manifest import load_manifest
 from protocol.messages import TrainConfig
 from transport.broker import Broker
+from tests.conftest import run_rounds
 from transport.mqtt import MqttTransport
 from workloads import fmnist
 
@@ -55,21 +55,15 @@ def test_three_devices_complete_rounds_and_the_model_improves(
         agents.append(DeviceAgent(device_id, federation, make_trainer(backend, cnn_artifacts),
                                   data.x, data.y, transport, tmp_path / "devices",
                                   seed=device_seed(device_id)))
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
 
     # Execute
-    for thread in threads:
-        thread.start()
-    records = coordinator.run()
-    for thread in threads:
-        thread.join(30)
-    agg_transport.stop()
+    records = run_rounds(coordinator, agents, agg_transport)
 
     # Assert: every round heard all three devices, and the global moved each round
     assert [r.round for r in records] == [0, 1]
     assert all(r.devices == ("dev-executorch", "dev-onnxruntime", "dev-torch") for r in records)
     assert all(r.samples == sum(len(p) for p in parts) for r in records)  # FedAvg weights: n_k
-    assert not any(t.is_alive() for t in threads), "devices must stop on the final message"
+    assert not any(a.transport.connected for a in agents), "devices stop on the final message"
     assert [a.rounds_trained for a in agents] == [2, 2, 2]
     assert adapter_distance(initial, globals_seen[0]) > 1e-2
     assert adapter_distance(globals_seen[0], globals_seen[1]) > 1e-2
