@@ -1,0 +1,32 @@
+"""`edgefl emulate`: a fleet too large for one process (300 devices, 2 workers) completes rounds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_client.fleet import DEVICES_PER_PROCESS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_emulated_fleet_over_worker_processes_completes_rounds(tmp_path: Path,
+                                                             cnn_artifacts: Path) -> None:
+    devices = DEVICES_PER_PROCESS + 50  # forces the multi-process path
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "emulate", "--devices", str(devices), "--rounds", "2",
+         "--local-steps", "1", "--dropout", "0.05", "--connection-loss", "0.02",
+         "--slowdown", "1,2", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = tmp_path.glob("*/results.json")
+    report = json.loads(results.read_text())
+    rounds = report["rounds"][1:]
+    assert len(rounds) == 2
+    # The round closes at 90% participation; dropouts (5%) leave enough devices for that.
+    assert all(r["devices"] >= 0.9 * devices for r in rounds)
+    assert report["skipped_rounds"] > 0 and report["links_lost"] > 0  # behaviours took effect
+    assert rounds[-1]["accuracy"] > report["rounds"][0]["accuracy"]
