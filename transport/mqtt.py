@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 ACK_TIMEOUT_S = 30.0  # a broker on a loaded 2-core gateway can take seconds to ack a large publish
 CONNECT_TIMEOUT_S = 15.0
 INBOX_SIZE = 10_000  # messages kept for the consumer; beyond this, drop and log (never block paho)
+# Bytes kept for the consumer. Mosquitto 2.0 keeps delivering to a manual-ack client well past 20
+# unacked messages, so a burst of updates would otherwise queue here without bound (10,000 MiniLM
+# updates are ~2.6 GiB). Beyond it, messages are dropped unacknowledged and logged.
+INBOX_MAX_BYTES = 256 * 1024 * 1024
 KEEPALIVE_S = 30
 
 
@@ -115,6 +119,8 @@ class MqttTransport:
         self.inbox: queue.Queue[Message] = queue.Queue(maxsize=INBOX_SIZE)
         self.bytes_sent = 0
         self.dropped = 0
+        self._inbox_bytes = 0
+        self._inbox_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,9 +202,12 @@ class MqttTransport:
     def receive(self, timeout: float | None = None) -> Message | None:
         """Next received message, or None after `timeout` seconds."""
         try:
-            return self.inbox.get(timeout=timeout)
+            message = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        with self._inbox_lock:
+            self._inbox_bytes -= len(message.payload)
+        return message
 
     # -- paho callbacks (network thread: never block here) --------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -218,9 +227,19 @@ class MqttTransport:
             logger.warning("%s lost the broker (%s); paho reconnects", self.client_id, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        size = len(msg.payload)
+        with self._inbox_lock:
+            fits = self._inbox_bytes + size <= INBOX_MAX_BYTES
+            if fits:
+                self._inbox_bytes += size
         try:
+            if not fits:
+                raise queue.Full
             self.inbox.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain),
                                           msg.mid, msg.qos))
         except queue.Full:
+            if fits:  # the count bound, not the byte bound, refused it
+                with self._inbox_lock:
+                    self._inbox_bytes -= size
             self.dropped += 1
             logger.error("%s inbox full: dropped a message on %s", self.client_id, msg.topic)
