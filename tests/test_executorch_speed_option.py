@@ -17,6 +17,7 @@ import torch
 from export.executorch_export import DELEGATES, export_pte, training_program
 from protocol.tensors import canonical_key
 from workloads.base import get_workload
+from workloads.lora import set_adapter
 
 # Measured: CNN loss 5e-7, gradients 2.9e-6 (of magnitude ~10), adapter after 3 steps 2.2e-7;
 # MiniLM loss 0, gradients 1.5e-7, adapter 3e-8.
@@ -111,15 +112,18 @@ def case(request, tmp_path_factory):  # noqa: ANN001, ANN201
     return model, example, batches, path
 
 
-def test_loss_and_gradients_match_eager(case) -> None:  # noqa: ANN001
+def _same_start(case):  # noqa: ANN001, ANN202
+    """The program and the eager model, both loaded with the same perturbed adapter."""
     model, example, batches, path = case
     program = Program(path, example)
     adapter = _perturbed_adapter(model)
     program.set_adapter(adapter)
-    params = _trainable(model)
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(torch.from_numpy(adapter[key]))
+    set_adapter(model, adapter)
+    return model, batches, program, _trainable(model), adapter
+
+
+def test_loss_and_gradients_match_eager(case) -> None:  # noqa: ANN001
+    model, batches, program, params, _ = _same_start(case)
     x, y = batches[0]
     model.zero_grad()
     loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
@@ -135,14 +139,7 @@ def test_loss_and_gradients_match_eager(case) -> None:  # noqa: ANN001
 
 def test_sgd_steps_match_eager(case) -> None:  # noqa: ANN001
     """Weights a delegate had copied in as constants would make steps 2+ drift from eager."""
-    model, example, batches, path = case
-    program = Program(path, example)
-    adapter = _perturbed_adapter(model)
-    program.set_adapter(adapter)
-    params = _trainable(model)
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(torch.from_numpy(adapter[key]))
+    model, batches, program, params, adapter = _same_start(case)
     optimizer = torch.optim.SGD(params.values(), lr=LEARNING_RATE)
     for x, y in batches:
         optimizer.zero_grad()
