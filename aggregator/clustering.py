@@ -11,6 +11,7 @@ as a deviation: identical initial adapters otherwise dominate the early distance
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import permutations
@@ -98,3 +99,23 @@ def cluster_agreement(labels: np.ndarray, truth: np.ndarray) -> float:
     best = max(sum(counts[i, j] for i, j in enumerate(perm))
                for perm in permutations(range(counts.shape[1]), len(clusters)))
     return float(best) / len(labels)
+
+
+def carry_assignment(previous: dict[str, int], current: dict[str, int]) -> dict[str, int]:
+    """Slot -> cluster after a round: this round's labels, plus where absent slots belong now.
+
+    k-means numbers its clusters afresh every round, so a slot that did not report keeps its
+    group, not its old number: it goes to the new cluster that most of its old cluster's
+    reporting members joined. A slot whose old cluster had no reporting member is left out
+    (it then starts from the global mean adapter).
+    """
+    moved: dict[int, Counter[int]] = {}
+    for slot, old in previous.items():
+        if slot in current:
+            moved.setdefault(old, Counter())[current[slot]] += 1
+    result = dict(current)
+    for slot, old in previous.items():
+        if slot not in current and old in moved:
+            # most_common breaks ties by first insertion: deterministic for a given order
+            result[slot] = moved[old].most_common(1)[0][0]
+    return result

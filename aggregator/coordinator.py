@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.clustering import carry_assignment, fltac
 from aggregator.exact import exact_aggregate, merge_residuals
 from aggregator.privacy import dp_strategy
 from aggregator.robust import clip_update
@@ -21,19 +22,21 @@ from aggregator.strategies import (
     add,
     apply_mean_delta,
     delta,
+    fedavg,
     staleness_weight,
     weighted_mean,
 )
 from protocol import topics
 from protocol.codec import (
-    RESIDUAL_PREFIX,
     DecodeError,
     decode_status,
     decode_update,
     encode_global,
+    join_global_tensors,
+    split_global_tensors,
 )
 from protocol.manifest import Manifest
-from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.messages import GlobalModel, TrainConfig, Update, slot_key
 from protocol.signing import SignatureError, SigningRegistry, open_signed
 from protocol.tensors import TensorDict, check_finite, shared
 from transport import Received, Transport, TransportError
@@ -47,7 +50,12 @@ STREAMING_STRATEGIES = ("fedavg", "flora")
 DP_STRATEGY = "dp-fedavg"
 # FedEx-style exact aggregation: FedAvg plus a residual that devices fold into frozen weights.
 EXACT_STRATEGY = "exact"
-SPECIAL_STRATEGIES = (DP_STRATEGY, EXACT_STRATEGY)
+# Fed-TaLoRA: exact aggregation of one task-agnostic adapter over a schedule of tasks.
+TALORA_STRATEGY = "fed-talora"
+RESIDUAL_STRATEGIES = (EXACT_STRATEGY, TALORA_STRATEGY)
+# FL-TAC: k-means over the (device, task) slots' adapters, one adapter per cluster.
+FLTAC_STRATEGY = "fltac"
+SPECIAL_STRATEGIES = (DP_STRATEGY, *RESIDUAL_STRATEGIES, FLTAC_STRATEGY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +83,12 @@ class AggregatorConfig:
     # "dp-fedavg" adds Gaussian noise of dp_noise_multiplier * clip_norm / n to the mean.
     clip_norm: float | None = None
     dp_noise_multiplier: float | None = None
-    seed: int = 0  # of the DP noise
+    seed: int = 0  # of the DP noise and FL-TAC's k-means
+    num_clusters: int = 2  # FL-TAC's K: how many tasks the federation's slots serve
+    # Continual learning: the classes of each task in order, each trained for rounds_per_task
+    # rounds (the last one until the end). Globals name the current task's classes.
+    task_schedule: tuple[tuple[int, ...], ...] = ()
+    rounds_per_task: int = 1
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -95,6 +108,21 @@ class AggregatorConfig:
             raise ValueError("async mode aggregates with FedAvg only")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError("clip_norm must be positive")
+        if self.num_clusters < 1:
+            raise ValueError("num_clusters must be at least 1")
+        if self.rounds_per_task < 1:
+            raise ValueError("rounds_per_task must be at least 1")
+        if any(not task or min(task) < 0 for task in self.task_schedule):
+            raise ValueError("every task of the schedule needs class ids >= 0")
+        if self.strategy == TALORA_STRATEGY and not self.task_schedule:
+            raise ValueError("fed-talora needs a task schedule (the classes of each task)")
+
+    def task_at(self, round_number: int) -> tuple[int | None, tuple[int, ...] | None]:
+        """(task index, its classes) in force at `round_number`, or (None, None) without one."""
+        if not self.task_schedule:
+            return None, None
+        index = min(round_number // self.rounds_per_task, len(self.task_schedule) - 1)
+        return index, tuple(self.task_schedule[index])
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +135,7 @@ class RoundRecord:
     bytes_received: int
     duration_s: float
     metrics: dict[str, float]
+    global_bytes: int = 0  # payload of the global that opened the round (what each device got)
 
 
 class Rejected(Exception):
@@ -143,10 +172,14 @@ class Coordinator:
         self.rejections: Counter[str] = Counter()
         self.online: set[str] = set()
         self.base_residual: TensorDict = {}  # exact aggregation: cumulative residual factors
+        self.global_bytes = 0  # size of the last global published
+        self.clusters: tuple[TensorDict, ...] = ()  # FL-TAC: cluster adapters ...
+        self.assignment: dict[str, int] = {}  # ... and the cluster each slot starts from
         resumed = store.latest()
         if resumed is not None:
-            self.round, saved, _ = resumed
-            self.adapter, self.base_residual = _split_residual(saved)
+            self.round, saved, info = resumed
+            self.adapter, self.base_residual, self.clusters = split_global_tensors(saved)
+            self.assignment = {str(k): int(v) for k, v in dict(info.get("assignment", {})).items()}
             logger.info("resuming federation %s at round %d", config.federation, self.round)
         else:
             self.round, self.adapter = 0, initial_adapter
@@ -164,13 +197,16 @@ class Coordinator:
 
     def _publish_global(self, final: bool = False) -> None:
         self._last_publish = self.now()
+        task_index, task_classes = self.config.task_at(self.round)
         message = GlobalModel(
             self.config.federation, self.round, self.manifest_sha256, self.adapter,
-            self.config.train, final, self.base_residual,
+            self.config.train, final, self.base_residual, self.clusters, self.assignment,
+            task_index, task_classes,
         )
-        self.transport.publish(
-            topics.global_topic(self.config.federation), encode_global(message), qos=1, retain=True
-        )
+        payload = encode_global(message)
+        self.global_bytes = len(payload)
+        self.transport.publish(topics.global_topic(self.config.federation), payload, qos=1,
+                               retain=True)
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, topic: str, payload: bytes) -> Update:
@@ -204,8 +240,12 @@ class Coordinator:
             raise Rejected("stale-round", f"{device_id} sent round {update.round} in {self.round}")
         if update.round > self.round:
             raise Rejected("future-round", f"{device_id} sent round {update.round} in {self.round}")
-        if device_id in self.open.reported:
-            raise Rejected("duplicate-device", f"{device_id} already reported round {self.round}")
+        if update.task and self.config.strategy != FLTAC_STRATEGY:
+            raise Rejected("task", f"{device_id} sent task slot {update.task!r}; only fltac "
+                                   "federations train one adapter per task")
+        slot = slot_key(device_id, update.task)
+        if slot in self.open.reported:
+            raise Rejected("duplicate-device", f"{slot} already reported round {self.round}")
         try:
             # shared_only: an update carrying a personal tensor is refused, not just ignored.
             self.manifest.check_adapter(update.adapter, shared_only=True)
@@ -233,10 +273,12 @@ class Coordinator:
             log("rejected update on %s: %s", message.topic, exc)
             return
         state = self.open
-        # The global this device started from: the open round's, or (async) an older one.
+        slot = slot_key(update.device_id, update.task)
+        # The adapter this slot started from: the open round's (its FL-TAC cluster's), or
+        # (async) an older global.
         stored = None if update.round == self.round else self.store.global_at(update.round)
-        base = self.adapter if update.round == self.round else (
-            None if stored is None else _split_residual(stored)[0])
+        base = self._start_adapter(slot) if update.round == self.round else (
+            None if stored is None else split_global_tensors(stored)[0])
         if base is None:
             self.rejections["stale-round"] += 1
             logger.warning("no stored global for round %d; dropped %s", update.round,
@@ -258,16 +300,20 @@ class Coordinator:
             weight = float(update.num_samples)
             state.buffer.append((adapter, weight))
             kept = adapter
-        state.reported[update.device_id] = update.update_id
+        state.reported[slot] = update.update_id
         for name, value in update.metrics.items():
             state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value * weight
         state.bytes += len(message.payload)
         # Durable before the MQTT ack: a crash from here on makes the broker redeliver, and
         # the accepted-id table then drops the copy.
-        self.store.accept(update.update_id, update.device_id, update.num_samples, weight, state,
-                          kept)
-        logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, update.device_id,
+        self.store.accept(update.update_id, slot, update.num_samples, weight, state, kept)
+        logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, slot,
                     update.num_samples, len(state.reported), self.config.clients_per_round)
+
+    def _start_adapter(self, slot: str) -> TensorDict:
+        """What a submission slot was sent this round: its FL-TAC cluster's, else the global."""
+        cluster = self.assignment.get(slot)
+        return self.adapter if cluster is None else self.clusters[cluster]
 
     # -- main loop -------------------------------------------------------------------------
     def _round_ready(self) -> bool:
@@ -294,9 +340,12 @@ class Coordinator:
             assert state.sums is not None
             weight = state.sums.weight
             self.adapter = weighted_mean(state.sums)
-        elif self.config.strategy == EXACT_STRATEGY:
+        elif self.config.strategy in RESIDUAL_STRATEGIES:
             weight = sum(w for _, w in state.buffer)
             self.adapter, self.base_residual = self._exact_step(state.buffer)
+        elif self.config.strategy == FLTAC_STRATEGY:
+            weight = sum(w for _, w in state.buffer)
+            self._fltac_step(list(state.reported), state.buffer)
         else:
             weight = sum(w for _, w in state.buffer)
             self.adapter = self._round_strategy()(state.buffer)
@@ -304,10 +353,12 @@ class Coordinator:
             round=self.round, devices=tuple(sorted(state.reported)), samples=int(weight),
             bytes_received=state.bytes, duration_s=self.now() - self._opened,
             metrics={k: v / weight for k, v in state.metric_sums.items()},
+            global_bytes=self.global_bytes,
         )
         self.round += 1
-        self.store.save(self.round, self.adapter | _prefixed(self.base_residual),
-                        {"closed": list(record.devices)})
+        self.store.save(self.round,
+                        join_global_tensors(self.adapter, self.base_residual, self.clusters),
+                        {"closed": list(record.devices), "assignment": self.assignment})
         self.open = OpenRound(self.round)
         self._start_clock()
         return record
@@ -323,6 +374,22 @@ class Coordinator:
         return adapter, {f"{layer}.{part}": factor.astype(np.float32)
                          for layer, (u, v) in merged.items()
                          for part, factor in (("U", u), ("V", v))}
+
+    def _fltac_step(self, slots: list[str], updates: list[tuple[TensorDict, float]]) -> None:
+        """Cluster the round's slot adapters; new clusters, assignment and all-slot mean."""
+        # A seed per round: reproducible, yet k-means' restarts differ between rounds.
+        clustering = fltac(updates, self.config.num_clusters,
+                           seed=self.config.seed * 100_003 + self.round)
+        labels = [int(c) for c in clustering.labels]
+        order = sorted(set(labels))  # k-means may leave a cluster empty: renumber 0..K'-1
+        first = {c: labels.index(c) for c in order}
+        self.clusters = tuple(clustering.adapters[first[c]] for c in order)
+        current = {slot: order.index(c) for slot, c in zip(slots, labels, strict=True)}
+        self.assignment = carry_assignment(self.assignment, current)
+        # Slots never seen (new devices or tasks) start from the mean of every slot.
+        self.adapter = fedavg(updates)
+        logger.info("round %d: FL-TAC clusters of sizes %s", self.round,
+                    [labels.count(c) for c in order])
 
     def _round_strategy(self) -> Strategy:
         """The strategy for the round being closed (some depend on its global)."""
@@ -391,15 +458,9 @@ class Coordinator:
             time.sleep(1.0)
 
 
-def _prefixed(residual: TensorDict) -> TensorDict:
-    return {RESIDUAL_PREFIX + k: v for k, v in residual.items()}
-
-
 def _split_residual(saved: TensorDict) -> tuple[TensorDict, TensorDict]:
     """A stored global -> (adapter, residual factors); the store keeps both in one blob."""
-    adapter = {k: v for k, v in saved.items() if not k.startswith(RESIDUAL_PREFIX)}
-    residual = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in saved.items()
-                if k.startswith(RESIDUAL_PREFIX)}
+    adapter, residual, _ = split_global_tensors(saved)
     return adapter, residual
 
 

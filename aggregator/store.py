@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS open_round (
     id INTEGER PRIMARY KEY CHECK (id = 0), round INTEGER NOT NULL, sums BLOB, weight REAL,
     count INTEGER, metric_sums TEXT NOT NULL, bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS accepted (
-    update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, device_id TEXT NOT NULL,
+    update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, device_id TEXT NOT NULL, -- or slot
     num_samples INTEGER NOT NULL, weight REAL NOT NULL, adapter BLOB);
 """
 
@@ -135,6 +135,12 @@ class GlobalStore:
         rows = self.db.execute("SELECT adapter, weight FROM accepted WHERE round = ? AND "
                                "adapter IS NOT NULL ORDER BY rowid", (round_number,))
         return [(load_tensors(blob), float(weight)) for blob, weight in rows]
+
+    def accepted_by_slot(self, round_number: int) -> dict[str, tuple[TensorDict, float]]:
+        """Slot (device id, or device/task for FL-TAC) -> (adapter, weight) of kept updates."""
+        rows = self.db.execute("SELECT device_id, adapter, weight FROM accepted WHERE round = ? "
+                               "AND adapter IS NOT NULL ORDER BY rowid", (round_number,))
+        return {slot: (load_tensors(blob), float(weight)) for slot, blob, weight in rows}
 
     def is_accepted(self, update_id: str) -> bool:
         """Whether an update id was ever counted (in any round)."""

@@ -7,6 +7,7 @@ import logging
 import threading
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
+from edge_client.data import LocalTask
 from edge_client.trainer import Trainer, train_local
 from protocol import topics
 from protocol.codec import DecodeError, decode_global, encode_status, encode_update
-from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.messages import GlobalModel, TrainConfig, Update, check_task_name
 from protocol.signing import sign_payload
 from protocol.tensors import TensorDict, is_personal, shared
 from transport import Transport, TransportError
@@ -25,6 +27,8 @@ from transport import Transport, TransportError
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
+# Pending-update file: magic, round (u64), then (length u64, payload) per task slot.
+_PENDING_MAGIC = b"EFP2"
 
 
 @dataclass
@@ -51,22 +55,38 @@ class DeviceState:
 
 
 class DeviceAgent:
-    """One emulated or real device. `run()` blocks until the federation's final message."""
+    """One emulated or real device. `run()` blocks until the federation's final message.
+
+    A device has one local dataset (`inputs`, `labels`), or with `tasks` several named ones
+    (FL-TAC): it then trains one adapter per task each round and sends one update per task.
+    """
 
     def __init__(
         self,
         device_id: str,
         federation: str,
         trainer: Trainer,
-        inputs: np.ndarray,
-        labels: np.ndarray,
+        inputs: np.ndarray | None,
+        labels: np.ndarray | None,
         transport: Transport,
         state_dir: Path | None = None,
         seed: int = 0,
         signing_key: Ed25519PrivateKey | None = None,
+        tasks: Sequence[LocalTask] = (),
     ) -> None:
+        if tasks:
+            if inputs is not None or labels is not None:
+                raise ValueError("give either inputs and labels or tasks, not both")
+            names = [task.name for task in tasks]
+            if len(set(names)) != len(names) or "" in names:
+                raise ValueError(f"task slots need distinct non-empty names, got {names}")
+            for name in names:
+                check_task_name(name)
+        elif inputs is None or labels is None:
+            raise ValueError("a device needs inputs and labels (or tasks)")
         self.device_id, self.federation, self.trainer = device_id, federation, trainer
-        self.inputs, self.labels, self.transport = inputs, labels, transport
+        self.tasks = list(tasks) or [LocalTask("", inputs, labels)]  # type: ignore[arg-type]
+        self.transport = transport
         self.state_path = Path(state_dir) / f"{device_id}.json" if state_dir else None
         self.pending_path = Path(state_dir) / f"{device_id}.pending" if state_dir else None
         self.state = DeviceState.load(self.state_path)
@@ -98,14 +118,25 @@ class DeviceAgent:
             if latest is None or candidate.round >= latest.round:
                 latest = candidate
 
-    def handle_global(self, message: GlobalModel) -> Update | None:
-        """Train on one global message; return the update (None if there is nothing to do)."""
+    def handle_global(self, message: GlobalModel) -> list[Update]:
+        """Train on one global message; return one update per local task (none: nothing to do)."""
         if message.manifest_sha256 != self.trainer.manifest.sha256:
             logger.error("%s: global adapter is for another model version (%s); skipping",
                          self.device_id, message.manifest_sha256[:12])
-            return None
+            return []
         if message.final or message.round <= self.state.last_round:
-            return None
+            return []
+        if not self._prepare(message):
+            return []
+        updates = []
+        for task in self.tasks:
+            update = self._train_task(message, task)
+            if update is not None:
+                updates.append(update)
+        return updates
+
+    def _prepare(self, message: GlobalModel) -> bool:
+        """Set the program up as the global asks (residual, class mask); False: cannot."""
         if message.base_residual:
             # Exact aggregation: the frozen weights follow the server's cumulative residual.
             layers = {k.rsplit(".", 1)[0] for k in message.base_residual}
@@ -116,11 +147,36 @@ class DeviceAgent:
             except (NotImplementedError, KeyError, ValueError) as exc:
                 logger.error("%s: cannot apply the global's base residual (%s); skipping round %d",
                              self.device_id, exc, message.round)
-                return None
-        self.trainer.set_adapter(message.adapter | self.personal)
+                return False
+        if message.task_classes is not None:
+            # Continual learning: the other classes' logits are masked, so training on the
+            # current task does not push down the classes learnt before (or still to come).
+            try:
+                self.trainer.set_class_mask(message.task_classes)
+            except (NotImplementedError, ValueError) as exc:
+                logger.error("%s: cannot mask logits to task %s's classes (%s); skipping round %d",
+                             self.device_id, message.task_index, exc, message.round)
+                return False
         self.trainer.set_learning_rate(message.train.learning_rate)
-        result = train_local(self.trainer, self.inputs, self.labels,
-                             message.train.local_steps, self.rng)
+        return True
+
+    def _train_task(self, message: GlobalModel, task: LocalTask) -> Update | None:
+        """Train one task slot from its start adapter; None if it holds no data for the task."""
+        inputs, labels = task.inputs, task.labels
+        if message.task_classes is not None:
+            # The device's data of the current task: in a real deployment the examples that
+            # arrived during it; emulated devices hold their whole stream and filter it.
+            keep = np.isin(labels, message.task_classes)
+            if not keep.any():
+                logger.info("%s: no examples of task %s's classes; sitting round %d out",
+                            self.device_id, message.task_index, message.round)
+                return None
+            inputs, labels = inputs[keep], labels[keep]
+        if len(labels) == 0:  # a tiny device may hold nothing for one of its tasks
+            return None
+        start = message.start_adapter(self.device_id, task.name)
+        self.trainer.set_adapter(start | self.personal)
+        result = train_local(self.trainer, inputs, labels, message.train.local_steps, self.rng)
         trained = self.trainer.get_adapter()
         # Personal tensors (CoLoRA cores) stay here: kept on disk, never uploaded.
         self.personal = {k: v for k, v in trained.items() if is_personal(k)}
@@ -130,12 +186,13 @@ class DeviceAgent:
         # quantises with far less error than the adapter itself, so send that instead.
         compact = message.train.update_encoding != "fp32" or message.train.update_topk
         if compact:
-            adapter = {k: v - message.adapter[k] for k, v in adapter.items()}
+            adapter = {k: v - start[k] for k, v in adapter.items()}
+        slot = f"{self.device_id}-{task.name}" if task.name else self.device_id
         return Update(
             federation=self.federation, round=message.round, device_id=self.device_id,
             manifest_sha256=self.trainer.manifest.sha256, num_samples=result.samples,
-            update_id=f"{self.device_id}-{message.round}-{uuid.uuid4().hex[:12]}",
-            adapter=adapter, is_delta=bool(compact),
+            update_id=f"{slot}-{message.round}-{uuid.uuid4().hex[:12]}",
+            adapter=adapter, is_delta=bool(compact), task=task.name,
             metrics={"train_loss": result.mean_loss, "train_accuracy": result.accuracy},
         )
 
@@ -161,19 +218,28 @@ class DeviceAgent:
         tmp.replace(self.personal_path)
 
     # -- unsent updates survive restarts and outages --------------------------------------
-    def _save_pending(self, round_number: int, payload: bytes) -> None:
-        self.pending = (round_number, payload)
+    def _save_pending(self, round_number: int, payloads: list[bytes]) -> None:
+        """Keep a round's unsent payloads (one per task slot), atomically on disk."""
+        self.pending = (round_number, list(payloads))
         if self.pending_path is not None:
             self.pending_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.pending_path.with_suffix(".tmp")
-            tmp.write_bytes(round_number.to_bytes(8, "big") + payload)
+            tmp.write_bytes(_PENDING_MAGIC + round_number.to_bytes(8, "big") + b"".join(
+                len(p).to_bytes(8, "big") + p for p in payloads))
             tmp.replace(self.pending_path)
 
-    def _load_pending(self) -> tuple[int, bytes] | None:
+    def _load_pending(self) -> tuple[int, list[bytes]] | None:
         if self.pending_path is None or not self.pending_path.exists():
             return None
         data = self.pending_path.read_bytes()
-        return int.from_bytes(data[:8], "big"), data[8:]
+        if not data.startswith(_PENDING_MAGIC):  # the single-payload file of older versions
+            return int.from_bytes(data[:8], "big"), [data[8:]]
+        round_number, cursor, payloads = int.from_bytes(data[4:12], "big"), 12, []
+        while cursor + 8 <= len(data):
+            length = int.from_bytes(data[cursor : cursor + 8], "big")
+            payloads.append(data[cursor + 8 : cursor + 8 + length])
+            cursor += 8 + length
+        return round_number, payloads
 
     def _clear_pending(self) -> None:
         self.pending = None
@@ -187,21 +253,25 @@ class DeviceAgent:
         """
         if self.pending is None:
             return True
-        round_number, payload = self.pending
+        round_number, payloads = self.pending
         if open_round is not None and open_round != round_number:
             logger.warning("%s: dropping the unsent update of round %d: round %d is open",
                            self.device_id, round_number, open_round)
             self._clear_pending()
             return True
-        if not self.transport.connected:
-            return False
-        try:
-            self.transport.publish(topics.update_topic(self.federation, self.device_id),
-                                   payload, qos=1)
-        except TransportError as exc:
-            logger.warning("%s: update of round %d not sent yet (%s); kept on disk",
-                           self.device_id, round_number, exc)
-            return False
+        while payloads:
+            if not self.transport.connected:
+                return False
+            try:
+                self.transport.publish(topics.update_topic(self.federation, self.device_id),
+                                       payloads[0], qos=1)
+            except TransportError as exc:
+                logger.warning("%s: update of round %d not sent yet (%s); kept on disk",
+                               self.device_id, round_number, exc)
+                return False
+            # What is sent leaves the file: a crash now resends only the rest.
+            self._save_pending(round_number, payloads[1:])
+            payloads = self.pending[1] if self.pending else []
         self._clear_pending()
         return True
 
@@ -225,19 +295,19 @@ class DeviceAgent:
                     logger.info("%s: federation finished at round %d", self.device_id,
                                 message.round)
                     break
-                update = self.handle_global(message)
-                if update is None:
+                updates = self.handle_global(message)
+                if not updates:
                     continue
                 # On disk before the first send attempt: a crash or an outage from here on
                 # still delivers this round's work once the device is back, if it still counts.
-                self._save_pending(update.round, self.encode(update, message.train))
-                self.state.last_round = update.round
+                self._save_pending(message.round, [self.encode(u, message.train) for u in updates])
+                self.state.last_round = message.round
                 self.state.save(self.state_path)
                 self.rounds_trained += 1
-                sent = self.flush_pending(update.round)
-                logger.info("%s (%s): %s round %d update, loss %.3f", self.device_id,
-                            self.trainer.backend, "sent" if sent else "queued", update.round,
-                            update.metrics["train_loss"])
+                sent = self.flush_pending(message.round)
+                logger.info("%s (%s): %s round %d update(s), loss %s", self.device_id,
+                            self.trainer.backend, "sent" if sent else "queued", message.round,
+                            ", ".join(f"{u.metrics['train_loss']:.3f}" for u in updates))
         finally:
             # Clean shutdown: say offline ourselves (the will only fires on a lost connection).
             try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_client.agent import DeviceAgent, device_seed
+from edge_client.data import multitask_tasks
 from edge_client.trainer import Trainer, make_trainer
 from protocol.messages import GlobalModel, Update
 from transport.mqtt import MqttTransport
@@ -39,6 +40,7 @@ class FleetConfig:
     slowdown: tuple[float, float] = (1.0, 1.0)  # per-device compute slowdown, drawn uniformly
     dropout: float = 0.0  # chance a device sits a round out
     connection_loss: float = 0.0  # chance a device loses its link before sending an update
+    multitask: bool = False  # FL-TAC: each device holds a type task and a group task
 
     def __post_init__(self) -> None:
         if self.devices <= 0:
@@ -60,24 +62,29 @@ class EmulatedDevice(DeviceAgent):
         self.rounds_skipped = 0
         self.links_lost = 0
 
-    def handle_global(self, message: GlobalModel) -> Update | None:
+    def handle_global(self, message: GlobalModel) -> list[Update]:
         """Maybe sit out; else train on the shared program, then take `slowdown` times as long."""
         if message.final or message.round <= self.state.last_round:
-            return None
+            return []
         if self.rng.random() < self.dropout:
             self.state.last_round = message.round
             self.rounds_skipped += 1
-            return None
+            return []
         with self.lock:
             started = time.monotonic()
-            update = super().handle_global(message)
+            updates = super().handle_global(message)
             elapsed = time.monotonic() - started
         if self.slowdown > 1.0:  # outside the lock: other devices use the program meanwhile
             time.sleep(elapsed * (self.slowdown - 1.0))
-        if update is not None and self.rng.random() < self.connection_loss:
+        if updates and self.rng.random() < self.connection_loss:
             self.links_lost += 1
             self.transport.drop_connection()  # type: ignore[attr-defined]
-        return update
+        return updates
+
+
+def fleet_device_id(index: int) -> str:
+    """Device id of the fleet's device number `index`."""
+    return f"dev-{index:05d}"
 
 
 def build_fleet(config: FleetConfig, host: str, port: int, federation: str, artifacts: Path,
@@ -98,16 +105,21 @@ def build_fleet(config: FleetConfig, host: str, port: int, federation: str, arti
     devices = []
     for i in indices if indices is not None else range(config.devices):
         part = parts[i]
-        device_id = f"dev-{i:05d}"
+        device_id = fleet_device_id(i)
         trainer, lock = trainers[config.backends[i % len(config.backends)]]
         transport = MqttTransport(host, port, f"{federation}-{device_id}",
                                   will=DeviceAgent.will(federation, device_id),
                                   mqtt_version=mqtt_version)
+        seed = device_seed(device_id) ^ config.seed
+        if config.multitask:
+            data = {"inputs": None, "labels": None,
+                    "tasks": list(multitask_tasks(private.subset(part), seed).values())}
+        else:
+            data = {"inputs": private.x[part], "labels": private.y[part]}
         devices.append(EmulatedDevice(
-            device_id, federation, trainer, private.x[part], private.y[part], transport,
-            state_dir, device_seed(device_id) ^ config.seed,
+            device_id, federation, trainer, transport=transport, state_dir=state_dir, seed=seed,
             lock=lock, slowdown=float(slowdowns[i]), dropout=config.dropout,
-            connection_loss=config.connection_loss,
+            connection_loss=config.connection_loss, **data,
         ))
     return devices
 

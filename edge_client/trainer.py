@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -9,10 +10,13 @@ from typing import Protocol
 import numpy as np
 
 from protocol.manifest import Manifest, load_manifest
-from protocol.tensors import TensorDict
+from protocol.tensors import TensorDict, canonical_key
 
 BACKENDS = ("executorch", "onnxruntime", "torch")
 DEFAULT_LEARNING_RATE = 0.05
+# Logit of a masked class: exp(-1e4 - max) underflows to exactly 0 in float32, so masked classes
+# get zero probability and zero gradient, yet unlike -inf it never makes NaN (-inf - -inf).
+MASK_LOGIT = -1e4
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +72,47 @@ class Trainer(Protocol):
         """
         ...
 
+    def set_class_mask(self, classes: Sequence[int] | None) -> None:
+        """Restrict the model to `classes` (class-incremental learning, one task's classes).
+
+        Logits of classes not in `classes` get MASK_LOGIT in train_step and logits(), so they
+        get no probability and no gradient; None clears the mask. Raises ValueError for class
+        ids outside [0, number of classes) or an empty list, and NotImplementedError where the
+        bias is compiled into the program (ExecuTorch) or the model has no logit_bias.
+        """
+        ...
+
 
 def base_weight_name(layer: str) -> str:
     """Native (peft) name of a LoRA layer's frozen weight, shared by torch and ONNX Runtime."""
     return f"base_model.model.{layer}.base_layer.weight"
+
+
+def logit_bias_name() -> str:
+    """Native (peft) name of the frozen additive logit mask, shared by torch and ONNX Runtime."""
+    return "base_model.model.logit_bias"
+
+
+def find_logit_bias(names: Iterable[str]) -> str | None:
+    """The name among `names` that is the logit bias, wrapped by peft or not (CoLoRA is not)."""
+    wanted = canonical_key(logit_bias_name())
+    return next((name for name in names if canonical_key(name) == wanted), None)
+
+
+def class_mask_bias(classes: Sequence[int] | None, num_classes: int) -> np.ndarray:
+    """The logit bias that keeps `classes`: 0 on them, MASK_LOGIT elsewhere (None: all zero)."""
+    bias = np.zeros(num_classes, dtype=np.float32)
+    if classes is None:
+        return bias
+    ids = [int(c) for c in classes]
+    if not ids:
+        raise ValueError("a class mask needs at least one class; pass None to clear it")
+    outside = sorted({c for c in ids if not 0 <= c < num_classes})
+    if outside:
+        raise ValueError(f"class ids {outside} are outside [0, {num_classes})")
+    bias[:] = MASK_LOGIT
+    bias[ids] = 0.0
+    return bias
 
 
 def make_trainer(

@@ -61,6 +61,30 @@ def dp_report(args: argparse.Namespace) -> str | None:
             f"(noise multiplier {args.dp_noise}, sample rate {sample_rate:.3g}, RDP accountant)")
 
 
+def task_schedule(args: argparse.Namespace) -> tuple[tuple[int, ...], ...]:
+    """--task-schedule "0,1;2,3;..." as class tuples; fed-talora defaults to Fashion-MNIST 5x2."""
+    text = getattr(args, "task_schedule", None)
+    if not text:
+        if args.strategy == "fed-talora":
+            from workloads.fmnist import INCREMENTAL_TASKS
+
+            return INCREMENTAL_TASKS
+        return ()
+    try:
+        return tuple(tuple(int(c) for c in task.split(",")) for task in text.split(";"))
+    except ValueError as exc:
+        raise SystemExit(f"--task-schedule: expected class ids like '0,1;2,3', got {text!r}") \
+            from exc
+
+
+def _config(kind: type, **fields: object) -> object:
+    """Build a config dataclass; its validation errors end the command with a clear message."""
+    try:
+        return kind(**fields)
+    except ValueError as exc:
+        raise SystemExit(f"edgefl: {exc}") from exc
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Build (or find in the cache) a workload's training programs; print the folder."""
     from export.build import build_artifacts
@@ -82,12 +106,15 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from transport.mqtt import MqttTransport
 
     artifacts = _artifacts(args)
-    config = AggregatorConfig(
+    config = _config(
+        AggregatorConfig,
         federation=args.federation, rounds=args.rounds, clients_per_round=args.clients_per_round,
         min_clients=args.min_clients, round_deadline_s=args.deadline,
         train=TrainConfig(args.local_steps, args.lr, args.update_encoding, args.update_topk),
         strategy=args.strategy, mode=args.mode, max_staleness=args.max_staleness,
         clip_norm=args.clip_norm, dp_noise_multiplier=args.dp_noise,
+        num_clusters=args.clusters, task_schedule=task_schedule(args),
+        rounds_per_task=args.rounds_per_task,
     )
     secure = _gateway_connection(args, AGGREGATOR_ID)
     registry = None
@@ -130,7 +157,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     """Run one emulated device: a Dirichlet share of Fashion-MNIST, trained with a backend."""
     from edge_client.agent import DeviceAgent, device_seed
-    from edge_client.data import device_data
+    from edge_client.data import device_data, multitask_tasks
     from edge_client.trainer import make_trainer
     from transport.mqtt import MqttTransport
 
@@ -147,9 +174,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     # and its ACL patterns match on that, not on the client id.
     transport = MqttTransport(secure["host"], secure["port"], f"{args.federation}-{device_id}",
                               will=DeviceAgent.will(args.federation, device_id), tls=secure["tls"])
+    # --multitask (FL-TAC): two local tasks over disjoint halves of the share, one adapter each
+    tasks = list(multitask_tasks(data, device_seed(device_id)).values()) if args.multitask else []
     agent = DeviceAgent(device_id, args.federation, make_trainer(args.backend, artifacts),
-                        data.x, data.y, transport, Path(args.state_dir), device_seed(device_id),
-                        signing_key=signing_key)
+                        None if tasks else data.x, None if tasks else data.y, transport,
+                        Path(args.state_dir), device_seed(device_id), signing_key=signing_key,
+                        tasks=tasks)
     rounds = agent.run()
     print(f"{device_id}: trained {rounds} rounds")
     return 0
@@ -160,17 +190,19 @@ def _federation_config(args: argparse.Namespace, out: str) -> object:
     from edgefl.demo import FederationConfig
 
     lo, _, hi = args.slowdown.partition(",")
-    fleet = FleetConfig(
+    fleet = _config(
+        FleetConfig,
         devices=args.devices, backends=tuple(args.backends.split(",")), alpha=args.alpha,
         seed=args.seed, slowdown=(float(lo), float(hi or lo)), dropout=args.dropout,
-        connection_loss=args.connection_loss,
+        connection_loss=args.connection_loss, multitask=args.strategy == "fltac",
     )
-    return FederationConfig(
-        fleet=fleet, rounds=args.rounds, local_steps=args.local_steps, learning_rate=args.lr,
-        participation=args.participation, quorum=args.quorum, deadline_s=args.deadline,
+    return _config(
+        FederationConfig, fleet=fleet, rounds=args.rounds, local_steps=args.local_steps,
+        learning_rate=args.lr, participation=args.participation, quorum=args.quorum, deadline_s=args.deadline,
         mode=args.mode, out_dir=Path(args.out or out), broker=args.broker,
         update_encoding=args.update_encoding, update_topk=args.update_topk,
-        strategy=args.strategy, workload=args.workload,
+        strategy=args.strategy, workload=args.workload, num_clusters=args.clusters,
+        task_schedule=task_schedule(args), rounds_per_task=args.rounds_per_task,
     )
 
 
@@ -202,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def method_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--clusters", type=int, default=2,
+                       help="fltac: K, the number of tasks the devices' task slots serve")
+        p.add_argument("--task-schedule",
+                       help="continual learning: classes of each task in order, e.g. "
+                            "'0,1;2,3;4,5;6,7;8,9' (fed-talora's default)")
+        p.add_argument("--rounds-per-task", type=int, default=1,
+                       help="rounds each task of --task-schedule lasts (the last one: to the end)")
 
     def broker_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")
@@ -248,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sync rounds, or async FedBuff (a version every --clients-per-round)")
     p.add_argument("--max-staleness", type=int, default=4,
                    help="async: oldest version an update may start from")
+    method_args(p)
     p.set_defaults(func=cmd_aggregator)
 
     p = sub.add_parser("client", help="run one emulated device")
@@ -258,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-devices", type=int, default=3)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multitask", action="store_true",
+                   help="FL-TAC device: two local tasks (clothing type, garment group)")
     p.set_defaults(func=cmd_client)
 
     def federation_args(p: argparse.ArgumentParser, devices: int, backends: str, rounds: int,
@@ -293,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "fmnist-colora: CoLoRA, a personal r x r core per device")
         p.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
         p.add_argument("--out", help="results folder")
+        method_args(p)
 
     p = sub.add_parser("demo", help="broker + aggregator + a few devices on Fashion-MNIST")
     federation_args(p, devices=6, backends="executorch,onnxruntime", rounds=6, steps=20,

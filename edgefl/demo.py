@@ -20,20 +20,28 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from safetensors.numpy import load_file
 
-from aggregator.coordinator import AggregatorConfig, Coordinator, RoundRecord
+from aggregator.coordinator import (
+    FLTAC_STRATEGY,
+    RESIDUAL_STRATEGIES,
+    AggregatorConfig,
+    Coordinator,
+    RoundRecord,
+)
 from aggregator.store import GlobalStore
+from edge_client.agent import device_seed
+from edge_client.data import multitask_tasks
 from edge_client.fleet import (
     DEVICES_PER_PROCESS,
     FleetConfig,
     FleetProcesses,
     build_fleet,
+    fleet_device_id,
     start_fleet,
 )
-from edge_client.trainer import evaluate_dataset, make_trainer
+from edge_client.trainer import Trainer, evaluate_dataset, make_trainer
 from export.build import build_artifacts
-from protocol.codec import encode_global
 from protocol.manifest import load_manifest
-from protocol.messages import GlobalModel, TrainConfig
+from protocol.messages import TrainConfig, slot_key
 from protocol.tensors import TensorDict
 from transport.broker import Broker
 from transport.mqtt import MqttTransport
@@ -64,6 +72,20 @@ class FederationConfig:
     workload: str = "fmnist-cnn"  # or "fmnist-fedsq": the same CNN with FedSQ's fixed gates
     out_dir: Path = Path("runs/demo")
     broker: str = "mosquitto"  # or "amqtt" to force the embedded broker
+    num_clusters: int = 2  # fltac: K (the fleet's devices then hold two tasks each)
+    # fed-talora (or any strategy, for a continual baseline): classes of each task, in order
+    task_schedule: tuple[tuple[int, ...], ...] = ()
+    rounds_per_task: int = 1
+
+    def __post_init__(self) -> None:
+        if self.strategy in RESIDUAL_STRATEGIES and "executorch" in self.fleet.backends:
+            raise ValueError(f"{self.strategy} changes frozen weights, which ExecuTorch programs "
+                             "compile in: use --backends torch,onnxruntime")
+        if self.task_schedule and "executorch" in self.fleet.backends:
+            raise ValueError("a task schedule masks logits, which ExecuTorch programs cannot: "
+                             "use --backends torch,onnxruntime")
+        if self.strategy == FLTAC_STRATEGY and not self.fleet.multitask:
+            raise ValueError("fltac needs a multi-task fleet (FleetConfig.multitask)")
 
 
 @dataclass
@@ -115,10 +137,15 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
     test = fmnist.load("t10k")
     test = test.subset(np.arange(min(config.eval_size, len(test))))
     evaluator = make_trainer("onnxruntime", artifacts)  # fastest backend for scoring globals
+    coordinator: Coordinator | None = None  # set below; scoring reads its residual and clusters
+    truth = _slot_tasks(config) if config.strategy == FLTAC_STRATEGY else {}
 
     def score(adapter: TensorDict) -> tuple[float, float]:
-        evaluator.set_adapter(adapter)
-        return evaluate_dataset(evaluator, test.x, test.y)
+        if coordinator is None or not (coordinator.clusters or coordinator.base_residual
+                                       or config.task_schedule):
+            evaluator.set_adapter(adapter)
+            return evaluate_dataset(evaluator, test.x, test.y)
+        return _score_special(config, coordinator, evaluator, test, truth)
 
     with Broker(prefer=config.broker) as broker:
         federation = f"run-{uuid.uuid4().hex[:8]}"
@@ -137,8 +164,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
             f"alpha={fleet.alpha}, dropout {fleet.dropout}, link loss {fleet.connection_loss}")
         train = TrainConfig(config.local_steps, config.learning_rate, config.update_encoding,
                             config.update_topk)
-        global_bytes = len(encode_global(GlobalModel(federation, 0, manifest.sha256, initial,
-                                                     train)))
+        # FL-TAC counts (device, task) slots: each multi-task device sends two updates a round
+        slots, unit = (2, "task slots") if fleet.multitask else (1, "devices")
         loss0, acc0 = score(initial)
         result.rows.append(RoundRow(0, acc0, loss0, 0, 0, 0, 0.0))
 
@@ -152,17 +179,18 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
             loss, acc = score(adapter)
             result.rows.append(RoundRow(
                 record.round + 1, acc, loss, len(record.devices), record.bytes_received,
-                global_bytes * fleet.devices, time.monotonic() - started))
+                record.global_bytes * fleet.devices, time.monotonic() - started))
             progress.update(task, advance=1, acc=f"accuracy {acc:.3f}, "
-                                                 f"{len(record.devices)} devices")
+                                                 f"{len(record.devices)} {unit}")
 
         # 3. aggregator: persistent session + manual acks, as on a gateway
         agg_config = AggregatorConfig(
             federation=federation, rounds=config.rounds,
-            clients_per_round=max(1, round(config.participation * fleet.devices)),
-            min_clients=max(1, round(config.quorum * fleet.devices)),
+            clients_per_round=max(1, round(config.participation * fleet.devices * slots)),
+            min_clients=max(1, round(config.quorum * fleet.devices * slots)),
             round_deadline_s=config.deadline_s, train=train, mode=config.mode,
-            strategy=config.strategy,
+            strategy=config.strategy, num_clusters=config.num_clusters,
+            task_schedule=config.task_schedule, rounds_per_task=config.rounds_per_task,
         )
         agg_transport = MqttTransport(broker.host, broker.port, f"aggregator-{federation}",
                                       persistent_session=True, manual_ack=True,
@@ -191,7 +219,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                 agg_transport.stop()
 
     result.rejections = dict(coordinator.rejections)
-    _print_summary(console, result, fleet.devices)
+    _print_summary(console, result, fleet.devices, _measure(config))
     (run_dir / "results.json").write_text(json.dumps({
         "broker": result.broker, "data": result.data_source,
         "config": json.loads(json.dumps(asdict(config), default=str)),
@@ -202,7 +230,73 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
     return result
 
 
-def _print_summary(console: Console, result: FederationResult, fleet_size: int) -> None:
+def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator: Trainer,
+                   test: fmnist.Dataset, truth: dict[str, str]) -> tuple[float, float]:
+    """Loss and accuracy of what the devices would use, for FL-TAC / residual / continual runs.
+
+    FL-TAC: the mean over the last assignment's slots of their cluster adapter on their own
+    task (this demo knows each slot's task; the aggregator does not). Residual strategies:
+    the global with its residual folded into the frozen weights. A task schedule: accuracy
+    over the classes seen so far, predicted among those classes (no task id).
+    """
+    if coordinator.clusters:
+        scores: dict[tuple[int, str], tuple[float, float]] = {}
+        for slot, cluster in coordinator.assignment.items():
+            key = (cluster, truth[slot])
+            if key not in scores:
+                evaluator.set_adapter(coordinator.clusters[cluster])
+                scores[key] = evaluate_dataset(evaluator, test.x,
+                                               fmnist.task_labels(truth[slot], test.y))
+        per_slot = [scores[(c, truth[s])] for s, c in coordinator.assignment.items()]
+        return float(np.mean([x[0] for x in per_slot])), float(np.mean([x[1] for x in per_slot]))
+    residual = coordinator.base_residual
+    layers = {k.rsplit(".", 1)[0] for k in residual}
+    evaluator.set_base_delta({layer: residual[f"{layer}.U"] @ residual[f"{layer}.V"]
+                              for layer in layers})
+    evaluator.set_adapter(coordinator.adapter)
+    if not config.task_schedule:
+        return evaluate_dataset(evaluator, test.x, test.y)
+    # coordinator.round is the next round: the tasks trained so far end one round earlier
+    last_task, _ = coordinator.config.task_at(max(coordinator.round - 1, 0))
+    seen = sorted({c for task in config.task_schedule[: (last_task or 0) + 1] for c in task})
+    keep = np.isin(test.y, seen)
+    evaluator.set_class_mask(seen)
+    try:
+        return evaluate_dataset(evaluator, test.x[keep], test.y[keep])
+    finally:
+        evaluator.set_class_mask(None)
+
+
+def _slot_tasks(config: FederationConfig) -> dict[str, str]:
+    """Slot -> true labelling of a multi-task fleet (the same split build_fleet makes)."""
+    fleet = config.fleet
+    _, private = fmnist.public_and_private(fmnist.load("train"))
+    parts = fmnist.dirichlet_split(private.y, fleet.devices, fleet.alpha,
+                                   np.random.default_rng(fleet.seed), min_size=1)
+    truth = {}
+    for i, part in enumerate(parts):
+        device_id = fleet_device_id(i)
+        tasks = multitask_tasks(private.subset(part), device_seed(device_id) ^ fleet.seed)
+        truth |= {slot_key(device_id, task.name): kind for kind, task in tasks.items()}
+    return truth
+
+
+def _measure(config: FederationConfig) -> str:
+    """What the accuracy column measures for this run's strategy."""
+    if config.strategy == FLTAC_STRATEGY:
+        return ("accuracy: each task slot's cluster adapter on its own task's labels (type or "
+                "group), averaged over slots; 'devices' counts task slots")
+    if config.task_schedule:
+        return ("accuracy: over the classes of the tasks seen so far, predicted among them "
+                "(no task id)" + (", residual folded into the frozen weights"
+                                  if config.strategy in RESIDUAL_STRATEGIES else ""))
+    if config.strategy in RESIDUAL_STRATEGIES:
+        return "accuracy: the global adapter with its residual folded into the frozen weights"
+    return "accuracy: the global adapter on Fashion-MNIST's test images"
+
+
+def _print_summary(console: Console, result: FederationResult, fleet_size: int,
+                   measure: str) -> None:
     table = Table(title=f"Federated LoRA fine-tuning on Fashion-MNIST, {fleet_size} devices")
     for column in ("round", "test accuracy", "test loss", "devices", "bytes up", "bytes down",
                    "elapsed s"):
@@ -211,6 +305,7 @@ def _print_summary(console: Console, result: FederationResult, fleet_size: int) 
         table.add_row(str(row.round), f"{row.accuracy:.3f}", f"{row.loss:.3f}", str(row.devices),
                       f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.seconds:.1f}")
     console.print(table)
+    console.print(measure)
     if result.rejections:
         console.print(f"rejected updates: {result.rejections}")
     if result.skipped_rounds or result.links_lost:

@@ -13,12 +13,11 @@ from workloads import fmnist
 from workloads.cnn import Cnn
 
 # Class-incremental sequence: 5 tasks of 2 new classes each, in label order.
-INCREMENTAL_TASKS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
-# A second labelling of the same images for the multi-task setting: garment group.
-# T-shirt, Pullover, Coat, Shirt -> tops; Trouser, Dress -> body; Sandal, Sneaker, Boot -> shoes;
-# Bag -> bags. Only T-shirt (0) and Trouser (1) keep their index, so the two tasks conflict.
-GROUP_OF_CLASS = np.array([0, 1, 0, 1, 0, 2, 0, 2, 3, 2], dtype=np.int64)
-MULTI_TASKS = ("type", "group")
+INCREMENTAL_TASKS = fmnist.INCREMENTAL_TASKS
+# The multi-task setting's two labellings of the same images (see workloads.fmnist).
+GROUP_OF_CLASS = fmnist.GROUP_OF_CLASS
+MULTI_TASKS = fmnist.TASK_LABELLINGS
+task_labels = fmnist.task_labels
 NUM_CLASSES = 10  # the head's outputs; the group task uses the first 4
 
 
@@ -80,12 +79,3 @@ def class_shares(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarr
     """Fraction of `labels` in each class: the weights of a device's test accuracy."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     return counts / counts.sum()
-
-
-def task_labels(task: str, classes: np.ndarray) -> np.ndarray:
-    """Labels of the multi-task setting: the class itself ('type') or its garment group."""
-    if task == "type":
-        return classes
-    if task == "group":
-        return GROUP_OF_CLASS[classes]
-    raise ValueError(f"unknown task {task!r}; choose from {MULTI_TASKS}")

@@ -34,6 +34,8 @@ _ZSTD_LEVEL = 3  # zstd's default: most of the gain, fast on a phone
 
 # Tensor-name prefix of a global's residual factors; "/" never occurs in adapter names.
 RESIDUAL_PREFIX = "base_residual/"
+# FL-TAC cluster k's adapter travels as "cluster/<k>/<name>".
+CLUSTER_PREFIX = "cluster/"
 
 
 class DecodeError(ValueError):
@@ -146,8 +148,67 @@ def encode_global(message: GlobalModel) -> bytes:
         "update_topk": message.train.update_topk,
         "final": message.final,
     }
-    residual = {RESIDUAL_PREFIX + k: v for k, v in message.base_residual.items()}
-    return _pack("global", header, message.adapter | residual)
+    # Optional fields are written only when used, so plain globals keep their v1 bytes.
+    if message.assignment:
+        header["assignment"] = message.assignment
+    if message.task_classes is not None:
+        header["task_index"] = message.task_index
+        header["task_classes"] = list(message.task_classes)
+    return _pack("global", header, join_global_tensors(
+        message.adapter, message.base_residual, message.clusters))
+
+
+def join_global_tensors(adapter: TensorDict, base_residual: TensorDict,
+                        clusters: tuple[TensorDict, ...] = ()) -> TensorDict:
+    """A global's tensors in one flat dict (as on the wire; the aggregator stores it so too)."""
+    residual = {RESIDUAL_PREFIX + k: v for k, v in base_residual.items()}
+    clustered = {f"{CLUSTER_PREFIX}{i}/{k}": v
+                 for i, cluster in enumerate(clusters) for k, v in cluster.items()}
+    return adapter | residual | clustered
+
+
+def split_global_tensors(
+    tensors: TensorDict,
+) -> tuple[TensorDict, TensorDict, tuple[TensorDict, ...]]:
+    """Inverse of join_global_tensors: (adapter, residual factors, cluster adapters).
+
+    Raises:
+        DecodeError: a cluster tensor name without an index, or indices other than 0..K-1.
+    """
+    adapter: TensorDict = {}
+    residual: TensorDict = {}
+    found: dict[int, TensorDict] = {}
+    for name, value in tensors.items():
+        if name.startswith(RESIDUAL_PREFIX):
+            residual[name.removeprefix(RESIDUAL_PREFIX)] = value
+        elif name.startswith(CLUSTER_PREFIX):
+            index, _, key = name.removeprefix(CLUSTER_PREFIX).partition("/")
+            if not index.isdigit() or not key:
+                raise DecodeError(f"malformed cluster tensor name {name!r}")
+            found.setdefault(int(index), {})[key] = value
+        else:
+            adapter[name] = value
+    if sorted(found) != list(range(len(found))):
+        raise DecodeError(f"cluster indices {sorted(found)} are not 0..K-1")
+    return adapter, residual, tuple(found[i] for i in range(len(found)))
+
+
+def _assignment(header: dict[str, Any]) -> dict[str, int]:
+    raw = header.get("assignment", {})
+    if not isinstance(raw, dict) or not all(
+            isinstance(c, int) and not isinstance(c, bool) for c in raw.values()):
+        raise DecodeError("header field 'assignment' must map slot names to integers")
+    return {str(slot): c for slot, c in raw.items()}
+
+
+def _task(header: dict[str, Any]) -> tuple[int | None, tuple[int, ...] | None]:
+    if "task_classes" not in header and "task_index" not in header:
+        return None, None
+    classes = header.get("task_classes")
+    if not isinstance(classes, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        raise DecodeError("header field 'task_classes' must be a list of integers")
+    return _field(header, "task_index", int), tuple(classes)
 
 
 def decode_global(data: bytes) -> GlobalModel:
@@ -164,16 +225,26 @@ def decode_global(data: bytes) -> GlobalModel:
         if isinstance(exc, DecodeError):
             raise
         raise DecodeError(str(exc)) from exc
-    return GlobalModel(
-        federation=_field(header, "federation", str),
-        round=_field(header, "round", int),
-        manifest_sha256=_field(header, "manifest_sha256", str),
-        adapter={k: v for k, v in tensors.items() if not k.startswith(RESIDUAL_PREFIX)},
-        train=train,
-        final=_field(header, "final", bool),
-        base_residual={k.removeprefix(RESIDUAL_PREFIX): v for k, v in tensors.items()
-                       if k.startswith(RESIDUAL_PREFIX)},
-    )
+    task_index, task_classes = _task(header)
+    adapter, residual, clusters = split_global_tensors(tensors)
+    try:
+        return GlobalModel(
+            federation=_field(header, "federation", str),
+            round=_field(header, "round", int),
+            manifest_sha256=_field(header, "manifest_sha256", str),
+            adapter=adapter,
+            train=train,
+            final=_field(header, "final", bool),
+            base_residual=residual,
+            clusters=clusters,
+            assignment=_assignment(header),
+            task_index=task_index,
+            task_classes=task_classes,
+        )
+    except ValueError as exc:  # GlobalModel's own consistency checks
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError(str(exc)) from exc
 
 
 def encode_update(message: Update, encoding: str = "fp32", topk: float | None = None) -> bytes:
@@ -201,6 +272,8 @@ def encode_update(message: Update, encoding: str = "fp32", topk: float | None = 
         "encoding": encoding,
         "topk": quant.check_topk(topk),
     }
+    if message.task:  # written only when used, so single-task updates keep their v1 bytes
+        header["task"] = message.task
     if topk is not None:  # sparse tensors no longer carry their shapes
         header["shapes"] = {name: list(np.shape(a)) for name, a in message.adapter.items()}
     return _pack("update", header, wire)
@@ -224,6 +297,7 @@ def decode_update(data: bytes) -> Update:
         num_samples = _field(header, "num_samples", int)
         update_id = _field(header, "update_id", str)
         is_delta = _field(header, "is_delta", bool)
+        task = _field(header, "task", str) if "task" in header else ""
         encoding = quant.check_encoding(_field(header, "encoding", str))
         topk = quant.check_topk(_optional_number(header, "topk"))
         adapter = quant.decode_tensors(
@@ -233,7 +307,7 @@ def decode_update(data: bytes) -> Update:
             federation=federation, round=round_number, device_id=device_id,
             manifest_sha256=manifest_sha256, num_samples=num_samples, update_id=update_id,
             adapter=adapter, metrics={str(k): float(v) for k, v in metrics.items()},
-            is_delta=is_delta,
+            is_delta=is_delta, task=task,
         )
     except ValueError as exc:
         if isinstance(exc, DecodeError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.clustering import cluster_agreement, flatten, fltac
+from aggregator.clustering import carry_assignment, cluster_agreement, flatten, fltac
 from aggregator.strategies import fedavg
 
 SHAPES = {"fc1.lora_A.weight": (2, 6), "fc1.lora_B.weight": (5, 2), "head.bias": (3,)}
@@ -94,3 +94,13 @@ def test_cluster_agreement_is_permutation_invariant() -> None:
     truth = np.array([0, 0, 1, 1, 2])
     assert cluster_agreement(np.array([2, 2, 0, 0, 1]), truth) == 1.0
     assert cluster_agreement(np.array([0, 1, 1, 1, 2]), truth) == pytest.approx(0.8)
+
+
+def test_carry_assignment_follows_the_group_not_the_cluster_number() -> None:
+    # Round r: a, b, c in cluster 0 and d, e in cluster 1. Round r+1: k-means numbers them the
+    # other way round, and c and e did not report.
+    previous = {"a": 0, "b": 0, "c": 0, "d": 1, "e": 1, "lost": 2}
+    current = {"a": 1, "b": 1, "d": 0}
+    carried = carry_assignment(previous, current)
+    assert carried == {"a": 1, "b": 1, "c": 1, "d": 0, "e": 0}  # "lost": no member reported
+    assert carry_assignment({}, current) == current

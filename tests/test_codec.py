@@ -283,3 +283,67 @@ def test_global_with_bad_update_settings_is_rejected(field: str, value: object) 
 def test_train_config_validates_update_settings(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_update_task_slot_round_trips_and_is_absent_by_default() -> None:
+    decoded = codec.decode_update(codec.encode_update(_update(task="t1")))
+    assert decoded.task == "t1"
+    assert "task" not in json.loads(_metadata(codec.encode_update(_update()))["header"])
+    assert codec.decode_update(codec.encode_update(_update())).task == ""
+    with pytest.raises(ValueError, match="task slot"):
+        _update(task="a/b")  # "/" joins slot names to device ids
+
+
+def test_update_with_a_bad_task_slot_is_a_decode_error() -> None:
+    payload = codec.encode_update(_update(task="t1"))
+    metadata = _metadata(payload)
+    header = json.loads(metadata["header"])
+    tensors = safetensors.numpy.load(zstandard.ZstdDecompressor().decompress(payload))
+    for bad in ("x" * 33, "a/b", 3):
+        header["task"] = bad
+        metadata["header"] = json.dumps(header)
+        forged = zstandard.ZstdCompressor().compress(
+            safetensors.numpy.save(tensors, metadata=metadata))
+        with pytest.raises(DecodeError):
+            codec.decode_update(forged)
+
+
+def test_global_round_trip_keeps_clusters_assignment_and_task() -> None:
+    clusters = (make_adapter(3, SHAPES), make_adapter(4, SHAPES))
+    original = GlobalModel("fed", 2, "cd" * 32, make_adapter(2, SHAPES), clusters=clusters,
+                           assignment={"dev-1/t0": 1, "dev-2": 0}, task_index=1,
+                           task_classes=(2, 3))
+    decoded = codec.decode_global(codec.encode_global(original))
+    assert decoded.assignment == {"dev-1/t0": 1, "dev-2": 0}
+    assert (decoded.task_index, decoded.task_classes) == (1, (2, 3))
+    assert set(decoded.adapter) == set(SHAPES) and len(decoded.clusters) == 2
+    for got, want in zip(decoded.clusters, clusters, strict=True):
+        for name in SHAPES:
+            np.testing.assert_array_equal(got[name], want[name])
+    np.testing.assert_array_equal(decoded.start_adapter("dev-1", "t0")["head.bias"],
+                                  clusters[1]["head.bias"])
+    np.testing.assert_array_equal(decoded.start_adapter("dev-3")["head.bias"],
+                                  original.adapter["head.bias"])  # unassigned: the global
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("assignment", {"dev-1": 5}),  # no cluster 5
+    ("assignment", {"dev-1": "0"}),
+    ("assignment", [1]),
+    ("task_classes", []),
+    ("task_classes", ["2"]),
+    ("task_index", None),
+])
+def test_global_with_bad_cluster_or_task_fields_is_rejected(field: str, value: object) -> None:
+    payload = codec.encode_global(GlobalModel(
+        "f", 0, "h", make_adapter(0, SHAPES), clusters=(make_adapter(1, SHAPES),),
+        assignment={"dev-1": 0}, task_index=0, task_classes=(0, 1)))
+    metadata = _metadata(payload)
+    header = json.loads(metadata["header"])
+    header[field] = value
+    metadata["header"] = json.dumps(header)
+    tensors = safetensors.numpy.load(zstandard.ZstdDecompressor().decompress(payload))
+    bad = zstandard.ZstdCompressor().compress(safetensors.numpy.save(tensors, metadata=metadata))
+    with pytest.raises(DecodeError):
+        codec.decode_global(bad)
+    assert codec.decode_global(payload).assignment == {"dev-1": 0}

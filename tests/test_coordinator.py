@@ -85,6 +85,8 @@ def test_rejects_bad_updates_and_averages_good_ones(
         "future-round": codec.encode_update(update("dev-c", good_a, round=START_ROUND + 1)),
         "federation": codec.encode_update(update("dev-c", good_a, federation="other")),
         "unknown-device": codec.encode_update(update("intruder", good_a)),
+        # a task slot (FL-TAC) in a federation that trains one adapter per device
+        "task": codec.encode_update(update("dev-c", good_a, task="t0")),
     }
     # Execute: everything goes out in one ordered stream, then the coordinator runs
     thread.start()
@@ -106,7 +108,7 @@ def test_rejects_bad_updates_and_averages_good_ones(
     assert dict(coordinator.rejections) == {
         "malformed": 3, "manifest": 1, "tensors": 2, "stale-round": 1, "future-round": 1,
         "federation": 1, "unknown-device": 1, "device-mismatch": 1, "duplicate": 1,
-        "duplicate-device": 1,
+        "duplicate-device": 1, "task": 1,
     }
     warnings = [r.message for r in caplog.records if r.levelno >= logging.WARNING]
     for reason in ("NaN", "schema version '99'", "exceeds", "unknown-device", "stale-round"):

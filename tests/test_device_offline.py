@@ -53,10 +53,9 @@ def test_update_left_on_disk_is_sent_after_a_crash_while_its_round_is_open(
     crashed = _agent(mosquitto, cnn_artifacts, tmp_path / "dev", 0)
     manifest = load_manifest(cnn_artifacts)
     initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
-    update = crashed.handle_global(GlobalModel(FED, 0, manifest.sha256, initial,
-                                               TrainConfig(local_steps=3)))
-    assert update is not None
-    crashed._save_pending(0, codec.encode_update(update))
+    [update] = crashed.handle_global(GlobalModel(FED, 0, manifest.sha256, initial,
+                                                 TrainConfig(local_steps=3)))
+    crashed._save_pending(0, [codec.encode_update(update)])
     crashed.state.last_round = 0
     crashed.state.save(crashed.state_path)
     coordinator, agg = _coordinator(mosquitto, cnn_artifacts, tmp_path / "agg", rounds=1,
@@ -79,7 +78,7 @@ def test_update_left_on_disk_is_sent_after_a_crash_while_its_round_is_open(
 def test_update_of_a_closed_round_is_dropped(mosquitto: Broker, cnn_artifacts: Path,
                                              tmp_path: Path) -> None:
     agent = _agent(mosquitto, cnn_artifacts, tmp_path, 0)
-    agent._save_pending(2, b"old bytes")
+    agent._save_pending(2, [b"old bytes"])
     assert agent.flush_pending(open_round=3) is True
     assert agent.pending is None and not agent.pending_path.exists()
 

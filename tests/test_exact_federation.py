@@ -107,4 +107,4 @@ def test_executorch_device_refuses_an_exact_federation(cnn_artifacts: Path) -> N
     agent = DeviceAgent("et", FED, trainer, data.x, data.y, transport=None)  # type: ignore[arg-type]
     residual = {"fc1.U": np.ones((128, 1), np.float32), "fc1.V": np.ones((1, 1568), np.float32)}
     assert agent.handle_global(GlobalModel(FED, 0, manifest.sha256, initial,
-                                           base_residual=residual)) is None
+                                           base_residual=residual)) == []

@@ -39,13 +39,18 @@ class Cnn(nn.Module):
         self.fc2 = nn.Linear(128, 64)
         self.head = nn.Linear(64, num_classes)
         self.relu = nn.ReLU()
+        # A frozen, settable additive mask on the logits (class-incremental learning): devices
+        # set MASK_LOGIT (edge_client.trainer) on classes outside the current task. ONNX Runtime
+        # keeps frozen parameters in its checkpoint state, so the mask can change after export
+        # with no new program input; ExecuTorch compiles frozen parameters in (it stays zero).
+        self.logit_bias = nn.Parameter(torch.zeros(num_classes), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
         x = self.pool(self.relu(self.conv1(x)))  # (B, 16, 14, 14)
         x = self.pool(self.relu(self.conv2(x)))  # (B, 32, 7, 7)
         x = self.relu(self.fc1(x.flatten(1)))  # (B, 128)
         x = self.relu(self.fc2(x))  # (B, 64)
-        return self.head(x)  # (B, 10)
+        return self.head(x) + self.logit_bias  # (B, 10)
 
 
 def pretrain_backbone(out: Path, epochs: int = PRETRAIN_EPOCHS) -> None:

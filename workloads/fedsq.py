@@ -62,7 +62,7 @@ class GatedCnn(Cnn):
         mask1, mask2 = self.structure(feats)
         h = mask1 * self.fc1(feats)  # (B, 128)
         h = mask2 * self.fc2(h)  # (B, 64)
-        return self.head(h)  # (B, classes)
+        return self.head(h) + self.logit_bias  # (B, classes); the class mask, as in Cnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(self.features(x))

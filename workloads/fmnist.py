@@ -19,6 +19,24 @@ LABELS = (
 # The first PUBLIC_SIZE training images are the "public" slice the backbone is pretrained on
 # centrally; devices only ever see the rest, so federated fine-tuning works on unseen data.
 PUBLIC_SIZE = 10_000
+# A second labelling of the same images, for multi-task federations (FL-TAC): garment group.
+# T-shirt, Pullover, Coat, Shirt -> tops; Trouser, Dress -> body; Sandal, Sneaker, Boot -> shoes;
+# Bag -> bags. Only T-shirt (0) and Trouser (1) keep their index, so the two tasks conflict.
+GROUP_OF_CLASS = np.array([0, 1, 0, 1, 0, 2, 0, 2, 3, 2], dtype=np.int64)
+TASK_LABELLINGS = ("type", "group")
+# Class-incremental sequence (continual learning, Fed-TaLoRA): 5 tasks of 2 new classes each.
+INCREMENTAL_TASKS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+
+
+def task_labels(task: str, classes: np.ndarray) -> np.ndarray:
+    """Labels of a task over Fashion-MNIST classes: the class itself ('type') or its group."""
+    if task == "type":
+        return np.asarray(classes)
+    if task == "group":
+        return GROUP_OF_CLASS[classes]
+    raise ValueError(f"unknown task {task!r}; choose from {TASK_LABELLINGS}")
+
+
 _MEAN, _STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics, so inputs are roughly N(0, 1)
 
 

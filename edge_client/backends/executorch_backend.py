@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,12 @@ class ExecuTorchTrainer:
         raise NotImplementedError(
             "ExecuTorch programs compile frozen weights in; exact aggregation needs devices "
             "on the torch or onnxruntime backend")
+
+    def set_class_mask(self, classes: Sequence[int] | None) -> None:
+        """Not possible: the .pte holds the frozen logit bias as a constant."""
+        raise NotImplementedError(
+            "ExecuTorch programs compile the logit bias in; class masks need devices on the "
+            "torch or onnxruntime backend")
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Class scores (the program also computes gradients; they are discarded)."""

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edge_client.trainer import StepResult, base_weight_name, correct_count
+from edge_client.trainer import (
+    StepResult,
+    base_weight_name,
+    class_mask_bias,
+    correct_count,
+    find_logit_bias,
+)
 from protocol.manifest import Manifest
 from protocol.tensors import TensorDict, canonical_key, is_personal
 
@@ -72,6 +79,14 @@ class OrtTrainer:
             name = base_weight_name(layer)
             original = self._base_weights.setdefault(layer, self.state.parameters[name].data.copy())
             self.state.parameters[name] = (original + delta).astype(original.dtype)
+
+    def set_class_mask(self, classes: Sequence[int] | None) -> None:
+        """Logits outside `classes` := MASK_LOGIT; the frozen bias lives in the checkpoint state."""
+        name = find_logit_bias(name for name, _ in self.state.parameters)
+        if name is None:
+            raise NotImplementedError(
+                f"workload {self.manifest.workload!r} has no logit_bias: it cannot mask classes")
+        self.state.parameters[name] = class_mask_bias(classes, len(self.manifest.labels))
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Class scores from the eval graph."""

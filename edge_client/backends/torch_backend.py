@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-from edge_client.trainer import StepResult, base_weight_name, correct_count
+from edge_client.trainer import (
+    StepResult,
+    base_weight_name,
+    class_mask_bias,
+    correct_count,
+    find_logit_bias,
+)
 from protocol.manifest import Manifest
 from protocol.tensors import TensorDict, is_personal
 from workloads.base import file_sha256, get_workload
@@ -77,6 +85,17 @@ class TorchTrainer:
                 weight = params[base_weight_name(layer)]
                 original = self._base_weights.setdefault(layer, weight.detach().clone())
                 weight.copy_(original + torch.from_numpy(delta).to(weight.dtype))
+
+    def set_class_mask(self, classes: Sequence[int] | None) -> None:
+        """Logits of classes outside `classes` := MASK_LOGIT (None clears the mask)."""
+        params = dict(self.model.named_parameters())
+        name = find_logit_bias(params)
+        if name is None:
+            raise NotImplementedError(
+                f"workload {self.manifest.workload!r} has no logit_bias: it cannot mask classes")
+        bias = class_mask_bias(classes, len(self.manifest.labels))
+        with torch.no_grad():
+            params[name].copy_(torch.from_numpy(bias))
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Class scores, no gradient."""
