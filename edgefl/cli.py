@@ -12,7 +12,8 @@ from pathlib import Path
 from edgefl.gateway import AGGREGATOR_ID, load_gateway
 
 
-def _quiet_third_party() -> None:
+def quiet_third_party() -> None:
+    """Silence chatty libraries (export, runtimes, brokers) below ERROR."""
     # Export and runtime libraries are chatty at INFO; keep the user's terminal for our output.
     for name in ("root", "amqtt", "transitions", "torch", "torchao", "onnxruntime", "executorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `edgefl` console script."""
     args = build_parser().parse_args(argv)
-    _quiet_third_party()
+    quiet_third_party()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:

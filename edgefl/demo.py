@@ -116,6 +116,8 @@ class FederationResult:
     rejections: dict[str, int] = field(default_factory=dict)
     skipped_rounds: int = 0
     links_lost: int = 0
+    # FL-TAC: the last scoring's accuracy of every task slot on its own task
+    slot_accuracy: dict[str, float] = field(default_factory=dict)
 
     @property
     def improved(self) -> bool:
@@ -145,7 +147,9 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                                        or config.task_schedule):
             evaluator.set_adapter(adapter)
             return evaluate_dataset(evaluator, test.x, test.y)
-        return _score_special(config, coordinator, evaluator, test, truth)
+        loss, accuracy, result.slot_accuracy = _score_special(config, coordinator, evaluator,
+                                                              test, truth)
+        return loss, accuracy
 
     with Broker(prefer=config.broker) as broker:
         federation = f"run-{uuid.uuid4().hex[:8]}"
@@ -231,8 +235,11 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
 
 
 def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator: Trainer,
-                   test: fmnist.Dataset, truth: dict[str, str]) -> tuple[float, float]:
+                   test: fmnist.Dataset, truth: dict[str, str],
+                   ) -> tuple[float, float, dict[str, float]]:
     """Loss and accuracy of what the devices would use, for FL-TAC / residual / continual runs.
+
+    The dict holds FL-TAC's accuracy per task slot (empty otherwise).
 
     FL-TAC: the mean over the last assignment's slots of their cluster adapter on their own
     task (this demo knows each slot's task; the aggregator does not). Residual strategies:
@@ -247,22 +254,24 @@ def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator
                 evaluator.set_adapter(coordinator.clusters[cluster])
                 scores[key] = evaluate_dataset(evaluator, test.x,
                                                fmnist.task_labels(truth[slot], test.y))
-        per_slot = [scores[(c, truth[s])] for s, c in coordinator.assignment.items()]
-        return float(np.mean([x[0] for x in per_slot])), float(np.mean([x[1] for x in per_slot]))
+        per_slot = {s: scores[(c, truth[s])] for s, c in coordinator.assignment.items()}
+        return (float(np.mean([x[0] for x in per_slot.values()])),
+                float(np.mean([x[1] for x in per_slot.values()])),
+                {s: x[1] for s, x in per_slot.items()})
     residual = coordinator.base_residual
     layers = {k.rsplit(".", 1)[0] for k in residual}
     evaluator.set_base_delta({layer: residual[f"{layer}.U"] @ residual[f"{layer}.V"]
                               for layer in layers})
     evaluator.set_adapter(coordinator.adapter)
     if not config.task_schedule:
-        return evaluate_dataset(evaluator, test.x, test.y)
+        return (*evaluate_dataset(evaluator, test.x, test.y), {})
     # coordinator.round is the next round: the tasks trained so far end one round earlier
     last_task, _ = coordinator.config.task_at(max(coordinator.round - 1, 0))
     seen = sorted({c for task in config.task_schedule[: (last_task or 0) + 1] for c in task})
     keep = np.isin(test.y, seen)
     evaluator.set_class_mask(seen)
     try:
-        return evaluate_dataset(evaluator, test.x[keep], test.y[keep])
+        return (*evaluate_dataset(evaluator, test.x[keep], test.y[keep]), {})
     finally:
         evaluator.set_class_mask(None)
 

@@ -53,6 +53,9 @@ MULTITASK_COLUMNS = (
 NOTES = """\
 ## How the simulation works
 
+- FL-TAC and Fed-TaLoRA also run as real federations over MQTT (Mosquitto, the gateway's
+  Coordinator, ExecuTorch / ONNX Runtime / torch devices): `python -m experiments.mqtt` writes
+  [RESULTS_MQTT.md](RESULTS_MQTT.md).
 - One process, no MQTT. Servers call the same functions as the gateway package:
   `aggregator.strategies.fedavg`, `aggregator.exact.exact_aggregate` / `residual_since`,
   `aggregator.clustering.fltac` and `aggregator.personal.colora`.

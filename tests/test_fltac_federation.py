@@ -80,6 +80,12 @@ def test_fltac_groups_task_slots_by_task_and_each_cluster_serves_its_task(
     np.testing.assert_allclose(final["head.weight"], fedavg(list(last.values()))["head.weight"],
                                rtol=1e-5, atol=1e-6)
 
+    # A restarted aggregator resumes with the same clusters and assignment
+    resumed = Coordinator(config, manifest, initial, agg, GlobalStore(tmp_path / "agg"))
+    assert resumed.round == ROUNDS and resumed.assignment == assignment
+    for got, want in zip(resumed.clusters, clusters, strict=True):
+        np.testing.assert_array_equal(got["head.weight"], want["head.weight"])
+
     # Each cluster is better at its own task than the other cluster's adapter
     test = fmnist.load("t10k").subset(np.arange(640))
     scorer = make_trainer("onnxruntime", cnn_artifacts)

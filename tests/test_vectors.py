@@ -30,10 +30,12 @@ def _assert_tensors_equal(decoded: dict[str, np.ndarray], expected: dict[str, An
 
 
 def test_vector_set_is_complete() -> None:
-    # One update per encoding, top-k combined with two of them, a global and a status.
+    # One update per encoding, top-k combined with two of them, a task slot's update, a plain
+    # global, one with every optional field (FL-TAC clusters, task schedule) and a status.
     assert set(NAMES) == {
         "update-fp32", "update-fp16", "update-int8", "update-int8-channel",
-        "update-fp32-topk", "update-int8-channel-topk", "global", "status-offline",
+        "update-fp32-topk", "update-int8-channel-topk", "update-fp32-task", "global",
+        "global-fltac", "status-offline",
     }
     encodings = {json.loads((VECTOR_DIR / f"{n}.json").read_text())["header"]["encoding"]
                  for n in UPDATES}
@@ -50,10 +52,11 @@ def test_update_vector_decodes_to_its_json(name: str) -> None:
     assert (update.manifest_sha256, update.num_samples, update.update_id) == (
         header["manifest_sha256"], header["num_samples"], header["update_id"])
     assert (update.metrics, update.is_delta) == (header["metrics"], header["is_delta"])
+    assert update.task == header.get("task", "")
     _assert_tensors_equal(update.adapter, expected["tensors"])
 
 
-@pytest.mark.parametrize("name", [*UPDATES, "global"])
+@pytest.mark.parametrize("name", [*UPDATES, "global", "global-fltac"])
 def test_vector_body_matches_its_wire_description(name: str) -> None:
     # What a Kotlin or Swift decoder sees after zstd and safetensors, before any dequantising.
     payload, expected = _load(name)
@@ -72,6 +75,19 @@ def test_global_vector_decodes_to_its_json() -> None:
     _assert_tensors_equal(message.adapter, expected["tensors"])
 
 
+def test_fltac_global_vector_decodes_to_its_json() -> None:
+    payload, expected = _load("global-fltac")
+    header = expected["header"]
+    message = codec.decode_global(payload)
+    assert message.assignment == header["assignment"] == {"phone-0/t0": 1, "phone-1": 0}
+    assert (message.task_index, list(message.task_classes or ())) == (
+        header["task_index"], header["task_classes"])
+    _assert_tensors_equal(message.adapter, expected["tensors"])
+    assert len(message.clusters) == len(expected["clusters"]) == 2
+    for got, want in zip(message.clusters, expected["clusters"], strict=True):
+        _assert_tensors_equal(got, want)
+
+
 def test_status_vector_decodes_to_its_json() -> None:
     payload, expected = _load("status-offline")
     assert payload.decode() == expected["text"]
@@ -87,7 +103,7 @@ def test_reencoding_the_decoded_values_gives_them_back(name: str) -> None:
     adapter = {k: np.array(v, np.float32) for k, v in expected["tensors"].items()}
     update = Update(header["federation"], header["round"], header["device_id"],
                     header["manifest_sha256"], header["num_samples"], header["update_id"],
-                    adapter, header["metrics"], header["is_delta"])
+                    adapter, header["metrics"], header["is_delta"], header.get("task", ""))
     payload = codec.encode_update(update, encoding=header["encoding"], topk=header["topk"])
     _assert_tensors_equal(codec.decode_update(payload).adapter, expected["tensors"])
 

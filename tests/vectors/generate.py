@@ -38,7 +38,9 @@ UPDATE_VECTORS = {
     "update-int8-channel": ("int8-channel", None, True),
     "update-fp32-topk": ("fp32", 0.25, True),
     "update-int8-channel-topk": ("int8-channel", 0.5, True),
+    "update-fp32-task": ("fp32", None, True),  # an FL-TAC device's update for its slot "t1"
 }
+TASK_OF = {"update-fp32-task": "t1"}
 _DTYPE_NAMES = {"float32": "F32", "float16": "F16", "int8": "I8", "int32": "I32"}
 
 
@@ -65,6 +67,7 @@ def make_update(name: str) -> tuple[Update, str, float | None]:
         manifest_sha256=MANIFEST_SHA256, num_samples=96, update_id=f"phone-{index}-3-a1b2c3",
         adapter=make_tensors(index + 1, 0.02 if is_delta else 0.5),
         metrics={"train_loss": 0.625, "train_accuracy": 0.75}, is_delta=is_delta,
+        task=TASK_OF.get(name, ""),
     )
     return update, encoding, topk
 
@@ -74,6 +77,18 @@ def make_global() -> GlobalModel:
     train = TrainConfig(local_steps=20, learning_rate=0.05, update_encoding="int8-channel",
                         update_topk=0.25)
     return GlobalModel("vectors", 4, MANIFEST_SHA256, make_tensors(100, 0.5), train, final=False)
+
+
+def make_fltac_global() -> GlobalModel:
+    """A global of an FL-TAC federation that also runs a task schedule (every optional field).
+
+    Two cluster adapters; phone-0's slot t0 starts from cluster 1, phone-1 from cluster 0, and
+    any other slot from the plain adapter. Task 1 of the schedule trains classes 2 and 3.
+    """
+    return GlobalModel("vectors", 5, MANIFEST_SHA256, make_tensors(200, 0.5), TrainConfig(),
+                       clusters=(make_tensors(201, 0.5), make_tensors(202, 0.5)),
+                       assignment={"phone-0/t0": 1, "phone-1": 0}, task_index=1,
+                       task_classes=(2, 3))
 
 
 def _nested(array: np.ndarray) -> Any:
@@ -112,6 +127,14 @@ def build_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
     vectors["global"] = (payload, {
         "kind": "global", "file": "global.bin", **describe(payload),
         "tensors": {k: _nested(v) for k, v in sorted(decoded_global.adapter.items())},
+    })
+    payload = codec.encode_global(make_fltac_global())
+    decoded_global = codec.decode_global(payload)
+    vectors["global-fltac"] = (payload, {
+        "kind": "global", "file": "global-fltac.bin", **describe(payload),
+        "tensors": {k: _nested(v) for k, v in sorted(decoded_global.adapter.items())},
+        "clusters": [{k: _nested(v) for k, v in sorted(c.items())}
+                     for c in decoded_global.clusters],
     })
     status = codec.encode_status(False, "phone-0")
     vectors["status-offline"] = (status, {
