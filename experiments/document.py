@@ -13,7 +13,7 @@ from experiments.federation import SimConfig
 from experiments.multitask import MULTITASK_METHODS
 from experiments.report import Column, RunResult, paired_delta, summary, table
 from experiments.runner import ALPHAS, Results, dirichlet_setting
-from experiments.settings import CENTRAL, DIRICHLET_METHODS, INCREMENTAL_METHODS
+from experiments.settings import CENTRAL, CENTRAL_JOINT, DIRICHLET_METHODS, INCREMENTAL_METHODS
 
 DIRICHLET_COLUMNS = (
     Column("test acc", "test_accuracy"),
@@ -139,17 +139,20 @@ def headlines(results: Results) -> str:
         f"{s[plain]['forgetting']:.3f} to {s[mask]['forgetting']:.3f}; Fed-TaLoRA's residual "
         f"calibration on top of the mask changes final accuracy by "
         f"{_delta(runs, talora, mask, 'test_accuracy')} and forgetting by "
-        f"{_delta(runs, talora, mask, 'forgetting')}.")
+        f"{_delta(runs, talora, mask, 'forgetting')}. Joint centralized training on all tasks "
+        f"(no sequence) is {_delta(runs, CENTRAL_JOINT, plain, 'test_accuracy')} from FedAvg.")
     runs = results.runs["multitask"]
     s = summary(runs)
-    shared, tac, cores, head = MULTITASK_METHODS
+    shared, tac, cores, head, central = MULTITASK_METHODS
     lines.append(
         f"- Multi-task: FL-TAC changes mean device accuracy by "
         f"{_delta(runs, tac, shared, 'mean_device')} and worst-device accuracy by "
         f"{_delta(runs, tac, shared, 'worst_device')}, its last clustering matching "
         f"{s[tac]['cluster_agreement']:.0%} of devices to their task. CoLoRA's personal cores "
         f"alone change mean device accuracy by {_delta(runs, cores, shared, 'mean_device')}; "
-        f"with a personal head too, by {_delta(runs, head, shared, 'mean_device')}.")
+        f"with a personal head too, by {_delta(runs, head, shared, 'mean_device')}. One "
+        f"centralized LoRA per task is {_delta(runs, central, shared, 'mean_device')} from "
+        "FedAvg.")
     return "\n".join(lines)
 
 

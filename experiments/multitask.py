@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from aggregator.clustering import cluster_agreement, fltac
 from aggregator.personal import colora, is_personal, shared_part
@@ -39,6 +40,8 @@ MULTITASK_METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "FL-TAC (K = 2 clusters)": ("lora", "fltac", ()),
     "CoLoRA (personal r×r cores)": ("colora", "colora", ("lora_S",)),
     "CoLoRA + personal head": ("colora", "colora", ("lora_S", "head")),
+    # Upper bound: one LoRA model per task, trained on that task's pooled data.
+    "Centralized LoRA per task (upper bound)": ("lora", "central", ()),
 }
 TASK_CLASSES = {"type": None, "group": np.arange(4)}  # the logits each task may use
 
@@ -74,6 +77,8 @@ def multitask_run(
     kind, rule, personal = MULTITASK_METHODS[method]
     devices, tasks = multitask_devices(train, config, seed)
     shares = [class_shares(d.data.y) for d in devices]
+    if rule == "central":
+        return _central_run(method, devices, tasks, shares, test, base, config, seed)
     model = build(kind, base, seed)
     optimiser = sgd_optimiser(model, config.learning_rate)
     start = get_adapter(model)
@@ -117,6 +122,35 @@ def multitask_run(
     extra = by_task | ({"cluster_agreement": agreement} if rule == "fltac" else {})
     return RunResult(method, history, history[-1], np.array(accuracies),
                      float(np.mean(up)), float(np.mean(down)), extra)
+
+
+def _central_run(
+    method: str, devices: list[Device], tasks: list[str], shares: list[np.ndarray],
+    test: Features, base: Path, config: SimConfig, seed: int,
+) -> RunResult:
+    """Per task, LoRA on its devices' pooled data (a round: as many steps as they take in one)."""
+    models, optimisers, pools = {}, {}, {}
+    for task in MULTI_TASKS:
+        mine = [d for d, t in zip(devices, tasks, strict=True) if t == task]
+        pools[task] = (Features(torch.cat([d.data.x for d in mine]),
+                                np.concatenate([d.labels for d in mine])), len(mine))
+        models[task] = build("lora", base, seed)
+        optimisers[task] = sgd_optimiser(models[task], config.learning_rate)
+    rng = np.random.default_rng(seed)
+    history: list[float] = []
+    for _ in range(config.rounds):
+        predicted = {}
+        for task in MULTI_TASKS:
+            pooled, count = pools[task]
+            train_steps(models[task], optimisers[task], pooled, pooled.y,
+                        config.local_steps * count, config.batch_size, rng, TASK_CLASSES[task])
+            predicted[task] = predictions(models[task], test, TASK_CLASSES[task])
+        accuracies = [_device_accuracy(predicted[t], test, t, shares[d.index])
+                      for d, t in zip(devices, tasks, strict=True)]
+        history.append(float(np.mean(accuracies)))
+    by_task = {f"acc_{task}": float(np.mean([a for a, t in zip(accuracies, tasks, strict=True)
+                                             if t == task])) for task in MULTI_TASKS}
+    return RunResult(method, history, history[-1], np.array(accuracies), 0.0, 0.0, by_task)
 
 
 def multitask_runs(

@@ -33,6 +33,8 @@ DIRICHLET_METHODS = (
     ("FedSQ (LoRA + fixed gating)", "fedsq", "fedavg"),
 )
 CENTRAL = "Centralized LoRA (upper bound)"
+# The continual setting's bound: joint training on every task's pooled data (no sequence).
+CENTRAL_JOINT = "Centralized LoRA, all tasks jointly (upper bound)"
 # (row label, aggregation, mask logits outside the current task)
 INCREMENTAL_METHODS = (
     ("FedAvg", "fedavg", False),
@@ -118,18 +120,17 @@ def incremental_runs(
     """
     results = []
     num_tasks = len(INCREMENTAL_TASKS)
+    task_devices = _incremental_devices(train, config, seed)
+    counts = sum(np.stack([np.bincount(d.labels, minlength=NUM_CLASSES) for d in devices])
+                 for devices in task_devices)
+    shares = counts / counts.sum(axis=1, keepdims=True)
     for method, aggregation, mask in INCREMENTAL_METHODS:
         fed = GlobalFederation(build("lora", base, seed), config, aggregation)
         rng = np.random.default_rng(seed)
-        counts = np.zeros((config.devices, NUM_CLASSES))
         task_accuracy = np.full((num_tasks, num_tasks), np.nan)  # [after task t, on task j]
         history = []
-        for t, classes in enumerate(INCREMENTAL_TASKS):
-            pool = np.flatnonzero(np.isin(train.y, classes))
-            parts = split(train.y[pool], config.devices, INCREMENTAL_ALPHA, 100 * seed + t,
-                          min_size=config.batch_size)
-            devices = _devices(train, pool, parts)
-            counts += np.stack([np.bincount(d.labels, minlength=NUM_CLASSES) for d in devices])
+        for t, (classes, devices) in enumerate(zip(INCREMENTAL_TASKS, task_devices,
+                                                    strict=True)):
             allowed = np.array(classes) if mask else None
             for _ in range(config.rounds_per_task):
                 fed.round(devices, rng, allowed)
@@ -142,7 +143,6 @@ def incremental_runs(
                 task_accuracy[t, j] = float(np.mean(correct[np.isin(subset.y, task)]))
             history.append(float(np.mean(correct)))
         per_class = np.nan_to_num(per_class_accuracy(predicted, subset.y, subset.y, NUM_CLASSES))
-        shares = counts / counts.sum(axis=1, keepdims=True)
         last = num_tasks - 1
         forgetting = np.mean([np.max(task_accuracy[j:last, j]) - task_accuracy[last, j]
                               for j in range(last)])
@@ -153,4 +153,40 @@ def incremental_runs(
             | ({"residual_ratio": float(np.mean(fed.residual_ratio))}
                if fed.residual_ratio else {}),
         ))
+    results.append(joint_central_run(task_devices, test, base, config, seed, shares))
     return results
+
+
+def _incremental_devices(train: Features, config: SimConfig, seed: int) -> list[list[Device]]:
+    """Per task, the devices' shares of that task's classes (Dirichlet α = 0.5 inside a task)."""
+    out = []
+    for t, classes in enumerate(INCREMENTAL_TASKS):
+        pool = np.flatnonzero(np.isin(train.y, classes))
+        parts = split(train.y[pool], config.devices, INCREMENTAL_ALPHA, 100 * seed + t,
+                      min_size=config.batch_size)
+        out.append(_devices(train, pool, parts))
+    return out
+
+
+def joint_central_run(
+    task_devices: list[list[Device]], test: Features, base: Path, config: SimConfig, seed: int,
+    shares: np.ndarray,
+) -> RunResult:
+    """LoRA on every task's pooled data at once, as many steps as the federation takes in all.
+
+    The usual upper bound of continual learning: no sequence, so nothing to forget (its
+    forgetting and incremental columns do not apply). History: accuracy after each task's share
+    of the steps, over all classes.
+    """
+    pooled = Features(torch.cat([d.data.x for devices in task_devices for d in devices]),
+                      np.concatenate([d.labels for devices in task_devices for d in devices]))
+    model = build("lora", base, seed)
+    optimiser = sgd_optimiser(model, config.learning_rate)
+    rng = np.random.default_rng(seed)
+    history = []
+    for _ in task_devices:
+        train_steps(model, optimiser, pooled, pooled.y,
+                    config.local_steps * config.devices * config.rounds_per_task,
+                    config.batch_size, rng)
+        history.append(float(np.mean(predictions(model, test) == test.y)))
+    return _global_result(CENTRAL_JOINT, model, test, shares, history, None)
