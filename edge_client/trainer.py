@@ -68,7 +68,7 @@ class Trainer(Protocol):
 
         `deltas` maps a layer path (e.g. "fc1") to a (d_out, d_in) matrix and replaces any
         earlier delta: W0 itself is kept. Raises NotImplementedError where frozen weights are
-        compiled into the program (ExecuTorch).
+        compiled into the program (an ExecuTorch program exported without frozen inputs).
         """
         ...
 
@@ -78,7 +78,8 @@ class Trainer(Protocol):
         Logits of classes not in `classes` get MASK_LOGIT in train_step and logits(), so they
         get no probability and no gradient; None clears the mask. Raises ValueError for class
         ids outside [0, number of classes) or an empty list, and NotImplementedError where the
-        bias is compiled into the program (ExecuTorch) or the model has no logit_bias.
+        bias is compiled into the program (an ExecuTorch program exported without frozen inputs)
+        or the model has no logit_bias.
         """
         ...
 

@@ -78,12 +78,6 @@ class FederationConfig:
     rounds_per_task: int = 1
 
     def __post_init__(self) -> None:
-        if self.strategy in RESIDUAL_STRATEGIES and "executorch" in self.fleet.backends:
-            raise ValueError(f"{self.strategy} changes frozen weights, which ExecuTorch programs "
-                             "compile in: use --backends torch,onnxruntime")
-        if self.task_schedule and "executorch" in self.fleet.backends:
-            raise ValueError("a task schedule masks logits, which ExecuTorch programs cannot: "
-                             "use --backends torch,onnxruntime")
         if self.strategy == FLTAC_STRATEGY and not self.fleet.multitask:
             raise ValueError("fltac needs a multi-task fleet (FleetConfig.multitask)")
 

@@ -29,7 +29,7 @@ SEEDS = (0, 1, 2)
 # setting -> (fleet, rounds, rows of (method label, FederationConfig fields))
 MULTITASK_FLEET = FleetConfig(devices=6, backends=("executorch", "onnxruntime"), alpha=0.5,
                               multitask=True)
-INCREMENTAL_FLEET = FleetConfig(devices=6, backends=("torch", "onnxruntime"), alpha=0.5)
+INCREMENTAL_FLEET = FleetConfig(devices=6, backends=("executorch", "onnxruntime"), alpha=0.5)
 SETTINGS: dict[str, tuple[FleetConfig, int, tuple[tuple[str, dict[str, object]], ...]]] = {
     "multitask": (MULTITASK_FLEET, 6, (
         ("FedAvg over all task slots (FL-TAC, K = 1)", {"strategy": "fltac", "num_clusters": 1}),

@@ -1,4 +1,8 @@
-"""Build (or reuse from the cache) every artifact of one workload, with its manifest."""
+"""Build (or reuse from the cache) every artifact of one workload, with its manifest.
+
+The manifest records the ExecuTorch program's frozen inputs (LoRA layer deltas, logit bias), so a
+device knows what to pass after (inputs, labels).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from protocol.manifest import MANIFEST_FILE, Manifest, TensorSpec
+from protocol.manifest import MANIFEST_FILE, FrozenInput, Manifest, TensorSpec
 from protocol.tensors import canonical_key
 from workloads.base import REPO_ROOT, Workload, cache_root, file_sha256, get_workload
 from workloads.lora import get_adapter
@@ -92,11 +96,12 @@ def _build_into(final: Path, workload: Workload, batch: int, base_sha256: str, s
     example = workload.example_batch(batch)
     files = {"adapter_init": ADAPTER_INIT_FILE}
     save_file(get_adapter(model), str(tmp / ADAPTER_INIT_FILE))
+    frozen: tuple[FrozenInput, ...] = ()
     if "executorch" in backends:
         from export.executorch_export import export_pte
 
         started = time.monotonic()
-        export_pte(model, example, tmp / PTE_FILE)
+        frozen = export_pte(model, example, tmp / PTE_FILE)
         logger.info("ExecuTorch program written in %.1fs", time.monotonic() - started)
         files["executorch"] = PTE_FILE
     if "onnxruntime" in backends:
@@ -122,6 +127,7 @@ def _build_into(final: Path, workload: Workload, batch: int, base_sha256: str, s
         ),
         versions=_versions(),
         files=files,
+        frozen_inputs=frozen,
     )
     (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     shutil.rmtree(final, ignore_errors=True)

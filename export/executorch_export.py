@@ -12,38 +12,114 @@ Two lowerings (docs/EXECUTORCH_SPEED.md has the measurements):
   kernel). Loss and gradients match eager PyTorch to ~1e-6.
 - "portable": the original `to_edge(...).to_executorch()` path (ExecuTorch's kernel library only):
   ~20x (CNN) to ~30x (MiniLM) slower than eager on one core.
+
+Frozen inputs: a .pte holds frozen weights as constants, so the overrides a device must apply to
+them are program inputs after (inputs, labels): one delta per LoRA layer, the frozen weight used
+being W0 + delta (exact aggregation's residual), and the logit bias if the model has one (class
+masks). `frozen_inputs(model)` lists them in program order; the manifest records the list. Zeros
+leave the model as exported.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from protocol.manifest import BASE_DELTA, LOGIT_BIAS, FrozenInput
+from protocol.tensors import canonical_key
+
 DELEGATES = ("xnnpack", "portable")
 DEFAULT_DELEGATE = "xnnpack"
 
 
-class TrainStep(nn.Module):
-    """Model + cross-entropy. The first output must be the loss for the joint-graph export."""
+@dataclass(frozen=True, slots=True)
+class FrozenOverride:
+    """A frozen input of the program and the model parameter it overrides."""
 
-    def __init__(self, model: nn.Module) -> None:
+    spec: FrozenInput
+    parameter: str  # native name of the overridden parameter inside the model
+
+
+_BASE_WEIGHT_SUFFIX = ".base_layer.weight"
+
+
+def frozen_overrides(model: nn.Module) -> tuple[FrozenOverride, ...]:
+    """The frozen inputs the program of `model` takes, in program order.
+
+    LoRA layers are found in the model itself (modules with a `base_layer` and `lora_A`, as peft's
+    and CoLoRA's layers have), not from the LoRA config, whose targets may be a regular
+    expression. Only linear base layers count: a residual is a (d_out, d_in) matrix.
+    """
+    overrides = []
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Linear) and hasattr(module, "lora_A"):
+            native = f"{name}{_BASE_WEIGHT_SUFFIX}"
+            layer = canonical_key(native).removesuffix(_BASE_WEIGHT_SUFFIX)
+            spec = FrozenInput(layer, BASE_DELTA, tuple(base.weight.shape))
+            overrides.append(FrozenOverride(spec, native))
+    for name, param in model.named_parameters():
+        if canonical_key(name) == LOGIT_BIAS and not param.requires_grad:
+            overrides.append(FrozenOverride(FrozenInput(LOGIT_BIAS, LOGIT_BIAS,
+                                                        tuple(param.shape)), name))
+    return tuple(overrides)
+
+
+def frozen_inputs(model: nn.Module) -> tuple[FrozenInput, ...]:
+    """What the manifest records about the program's frozen inputs (see frozen_overrides)."""
+    return tuple(o.spec for o in frozen_overrides(model))
+
+
+def zero_frozen_inputs(specs: Sequence[FrozenInput]) -> tuple[torch.Tensor, ...]:
+    """The neutral value of every frozen input: the model as exported."""
+    return tuple(torch.zeros(spec.shape, dtype=torch.float32) for spec in specs)
+
+
+class TrainStep(nn.Module):
+    """Model + cross-entropy. The first output must be the loss for the joint-graph export.
+
+    With overrides, forward takes one frozen input per override after (inputs, labels) and runs
+    the model with each LoRA layer's frozen weight at W0 + delta and the logit bias replaced.
+    """
+
+    def __init__(self, model: nn.Module, overrides: Sequence[FrozenOverride] = ()) -> None:
         super().__init__()
         self.m = model  # short prefix: ExecuTorch names parameters "m.<peft name>"
+        self.overrides = tuple(overrides)
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.m(inputs)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor,
+                *frozen: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.overrides:
+            replaced = self._replaced_parameters(frozen)
+            logits = torch.func.functional_call(self.m, replaced, (inputs,))
+        else:
+            logits = self.m(inputs)
         # logits come out detached so devices can measure accuracy from the same call.
         return nn.functional.cross_entropy(logits, labels), logits.detach()
+
+    def _replaced_parameters(self, frozen: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Native parameter name -> the tensor used for it: W0 + delta, or the new logit bias
+        (replaced whole, as the torch and ONNX Runtime backends overwrite theirs)."""
+        replaced = {}
+        for override, tensor in zip(self.overrides, frozen, strict=True):
+            if override.spec.kind == BASE_DELTA:
+                # Looked up at call time, not cached: export swaps in its own parameter tensors,
+                # and W0 must stay a (constant) parameter of the graph, not a captured tensor.
+                tensor = self.m.get_parameter(override.parameter) + tensor
+            replaced[override.parameter] = tensor
+        return replaced
 
 
 def export_pte(
     model: nn.Module, example: tuple[torch.Tensor, torch.Tensor], out: Path,
-    delegate: str = DEFAULT_DELEGATE,
-) -> None:
+    delegate: str = DEFAULT_DELEGATE, with_frozen_inputs: bool = True,
+) -> tuple[FrozenInput, ...]:
     """Write a .pte whose "forward" method returns (loss, logits) and the adapter gradients.
 
     Args:
@@ -51,12 +127,20 @@ def export_pte(
         example: (inputs, labels) with the static shapes the program will take.
         out: Where the .pte goes.
         delegate: "xnnpack" (fast, default) or "portable" (ExecuTorch kernels only).
+        with_frozen_inputs: False compiles every frozen weight in as it is: the program takes
+            (inputs, labels) only, as exports made before frozen inputs did.
+
+    Returns:
+        The program's inputs after (inputs, labels), in order (for the manifest).
     """
-    out.write_bytes(training_program(model, example, delegate).buffer)
+    program = training_program(model, example, delegate, with_frozen_inputs)
+    out.write_bytes(program.buffer)
+    return frozen_inputs(model) if with_frozen_inputs else ()
 
 
 def training_program(
-    model: nn.Module, example: tuple[torch.Tensor, torch.Tensor], delegate: str = DEFAULT_DELEGATE
+    model: nn.Module, example: tuple[torch.Tensor, torch.Tensor], delegate: str = DEFAULT_DELEGATE,
+    with_frozen_inputs: bool = True,
 ):  # -> executorch.exir.ExecutorchProgramManager (kept lazy: heavy import)
     """The lowered joint forward/backward program (what export_pte writes)."""
     if delegate not in DELEGATES:
@@ -65,8 +149,11 @@ def training_program(
     from torch.export import export
     from torch.export.experimental import _export_forward_backward
 
-    # 1. capture the training step; strict=False because HF models do not trace strictly
-    program = export(TrainStep(model), example, strict=False)
+    overrides = frozen_overrides(model) if with_frozen_inputs else ()
+    frozen = zero_frozen_inputs([o.spec for o in overrides])
+    # 1. capture the training step; strict=False because HF models do not trace strictly. The
+    #    frozen inputs are user inputs that need no gradient: the backward leaves them alone.
+    program = export(TrainStep(model, overrides), (*example, *frozen), strict=False)
     # 2. add the backward pass: gradients for parameters with requires_grad (the adapter only)
     program = _export_forward_backward(program)
     if delegate == "portable":

@@ -1,4 +1,9 @@
-"""Export manifest: what a training program expects (adapter names, shapes, dtypes, inputs)."""
+"""Export manifest: what a training program expects (adapter names, shapes, dtypes, inputs).
+
+Besides the adapter, a manifest lists the program's *frozen inputs*: frozen-weight overrides that
+the ExecuTorch program takes as inputs after (inputs, labels), in that order, because it compiles
+frozen weights in as constants (ONNX Runtime and torch change them in place instead).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ import numpy as np
 from protocol.tensors import TensorDict, is_personal
 
 MANIFEST_FILE = "manifest.json"
+# Kinds of frozen input (FrozenInput.kind).
+BASE_DELTA = "base_delta"  # added to a LoRA layer's frozen weight: W0 + delta (exact aggregation)
+LOGIT_BIAS = "logit_bias"  # the frozen additive logit bias (class masks), replaced as a whole
+FROZEN_INPUT_KINDS = (BASE_DELTA, LOGIT_BIAS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +32,24 @@ class TensorSpec:
     native_name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenInput:
+    """One frozen-weight override a training program takes as an input (zeros: no override).
+
+    kind BASE_DELTA: `name` is a LoRA layer's path ("fc1"), `shape` its frozen weight's
+    (d_out, d_in). kind LOGIT_BIAS: `name` is "logit_bias", `shape` is (num_classes,).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in FROZEN_INPUT_KINDS:
+            raise ValueError(
+                f"unknown frozen input kind {self.kind!r}; one of {FROZEN_INPUT_KINDS}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +66,9 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # role -> path relative to the manifest
+    # The ExecuTorch program's inputs after (inputs, labels), in order; () for exports made
+    # before programs took frozen inputs (their devices cannot change frozen weights).
+    frozen_inputs: tuple[FrozenInput, ...] = ()
 
     @property
     def sha256(self) -> str:
@@ -73,7 +103,11 @@ class Manifest:
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys) so the hash is stable."""
-        return json.dumps(asdict(self), sort_keys=True, indent=1)
+        raw = asdict(self)
+        if not raw["frozen_inputs"]:
+            # Left out when empty, so a manifest written before the field existed keeps its hash.
+            del raw["frozen_inputs"]
+        return json.dumps(raw, sort_keys=True, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -82,6 +116,10 @@ class Manifest:
         raw["tensors"] = tuple(
             TensorSpec(t["name"], t["native_name"], tuple(t["shape"]), t["dtype"])
             for t in raw["tensors"]
+        )
+        raw["frozen_inputs"] = tuple(
+            FrozenInput(f["name"], f["kind"], tuple(f["shape"]))
+            for f in raw.get("frozen_inputs", ())
         )
         raw["input_shape"] = tuple(raw["input_shape"])
         raw["labels"] = tuple(raw["labels"])

@@ -42,6 +42,27 @@ def cnn_artifacts() -> Path:
     return build_artifacts("fmnist-cnn")
 
 
+@pytest.fixture(scope="session")
+def legacy_cnn_artifacts(cnn_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CNN artifacts as exported before programs took frozen inputs: the ExecuTorch program
+    compiles every frozen weight in and the manifest lists no frozen_inputs."""
+    from dataclasses import replace
+
+    from export.executorch_export import export_pte
+    from protocol.manifest import MANIFEST_FILE, load_manifest
+    from workloads.base import get_workload
+
+    folder = tmp_path_factory.mktemp("legacy") / cnn_artifacts.name
+    shutil.copytree(cnn_artifacts, folder)
+    manifest = load_manifest(folder)
+    workload = get_workload(manifest.workload)
+    model = workload.build(workload.base_weights(), seed=int(manifest.lora["seed"]))
+    export_pte(model, workload.example_batch(manifest.batch_size),
+               folder / manifest.files["executorch"], with_frozen_inputs=False)
+    (folder / MANIFEST_FILE).write_text(replace(manifest, frozen_inputs=()).to_json())
+    return folder
+
+
 def run_rounds(coordinator: Coordinator, agents: list[DeviceAgent],
                aggregator_transport: MqttTransport) -> list[RoundRecord]:
     """Run the devices on threads and the coordinator here until its last round; then tidy up."""

@@ -1,4 +1,7 @@
-"""Class masks (class-incremental learning): a frozen logit bias set on torch and ONNX Runtime."""
+"""Class masks (class-incremental learning): a frozen logit bias set on every backend.
+
+torch and ONNX Runtime overwrite the frozen parameter; ExecuTorch passes it as a program input.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from workloads import fmnist
 # Same bounds as test_backend_parity: float32 sums in different orders across runtimes.
 LOSS_ATOL = 1e-5
 GRAD_ATOL = 1e-5
-MASK_BACKENDS = ("torch", "onnxruntime")
+MASK_BACKENDS = ("torch", "onnxruntime", "executorch")
+DEVICE_BACKENDS = ("onnxruntime", "executorch")
 TASK = (0, 1, 2, 3, 4)  # the current task's classes; 5..9 are masked
 BATCH = 32  # static in the exported programs
 
@@ -50,13 +54,23 @@ def predictions(trainer: Trainer, inputs: np.ndarray) -> np.ndarray:
                            for i in range(0, len(inputs), BATCH)])
 
 
-def test_torch_and_onnxruntime_agree_under_a_mask(cnn_artifacts: Path, task_batch) -> None:
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_device_backends_agree_with_torch_under_a_mask(backend: str, cnn_artifacts: Path,
+                                                       task_batch) -> None:
     ref_loss, ref_grads = masked_gradients("torch", cnn_artifacts, task_batch, TASK)
-    loss, grads = masked_gradients("onnxruntime", cnn_artifacts, task_batch, TASK)
+    loss, grads = masked_gradients(backend, cnn_artifacts, task_batch, TASK)
     assert loss == pytest.approx(ref_loss, abs=LOSS_ATOL)
     assert set(grads) == set(ref_grads)
     for name, grad in ref_grads.items():
         np.testing.assert_allclose(grads[name], grad, atol=GRAD_ATOL, err_msg=name)
+    # and the masked logits themselves (MASK_LOGIT + a score: exact to float32 rounding)
+    logits = {}
+    for name in ("torch", backend):
+        trainer = make_trainer(name, cnn_artifacts)
+        trainer.set_class_mask(TASK)
+        logits[name] = trainer.logits(task_batch[0])
+    np.testing.assert_allclose(logits[backend], logits["torch"], rtol=1e-6, atol=GRAD_ATOL)
+    assert np.all(logits[backend][:, len(TASK):] < MASK_LOGIT / 2)
 
 
 @pytest.mark.parametrize("backend", MASK_BACKENDS)
@@ -84,17 +98,20 @@ def test_mask_restricts_predictions_until_cleared(backend: str, cnn_artifacts: P
     np.testing.assert_array_equal(predictions(trainer, inputs), before)
 
 
-def test_mask_also_applies_in_train_step(cnn_artifacts: Path, task_batch) -> None:
-    trainer = make_trainer("onnxruntime", cnn_artifacts)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_mask_also_applies_in_train_step(backend: str, cnn_artifacts: Path, task_batch) -> None:
+    trainer = make_trainer(backend, cnn_artifacts)
     x, y = task_batch
     trainer.set_class_mask([int(y[0])])
     # Every prediction is the one kept class, so exactly the examples of that class are correct.
     assert trainer.train_step(x, y).correct == int((y == y[0]).sum())
 
 
-def test_executorch_refuses_a_mask(cnn_artifacts: Path) -> None:
-    trainer = make_trainer("executorch", cnn_artifacts)
-    with pytest.raises(NotImplementedError, match="torch or onnxruntime"):
+def test_executorch_program_without_frozen_inputs_refuses_a_mask(
+    legacy_cnn_artifacts: Path,
+) -> None:
+    trainer = make_trainer("executorch", legacy_cnn_artifacts)
+    with pytest.raises(NotImplementedError, match="no logit-bias input"):
         trainer.set_class_mask(TASK)
 
 

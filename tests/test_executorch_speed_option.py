@@ -2,11 +2,13 @@
 
 export_pte(..., delegate="xnnpack") is 35-55x faster than the portable lowering (docs/
 EXECUTORCH_SPEED.md); these tests hold it to eager on loss, gradients and several SGD steps (a
-trainable weight frozen into a delegate would pass one step and fail the next). No timing asserts.
+trainable weight frozen into a delegate would pass one step and fail the next), and with the
+frozen inputs (LoRA base deltas, logit bias) set as well as at zero. No timing asserts.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -14,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from export.executorch_export import DELEGATES, export_pte, training_program
+from export.executorch_export import (
+    DELEGATES,
+    export_pte,
+    frozen_overrides,
+    training_program,
+    zero_frozen_inputs,
+)
+from protocol.manifest import BASE_DELTA, LOGIT_BIAS, FrozenInput
 from protocol.tensors import canonical_key
 from workloads.base import get_workload
 from workloads.lora import set_adapter
@@ -60,15 +69,17 @@ CASES = {"fmnist-cnn": _cnn, "minilm-1layer": _small_minilm}
 class Program:
     """The exported program run the way edge_client's ExecuTorch backend runs it."""
 
-    def __init__(self, path: Path, example: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, path: Path, example: tuple[torch.Tensor, torch.Tensor],
+                 frozen: tuple[FrozenInput, ...] = ()) -> None:
         from executorch.extension.training import (
             _load_for_executorch_for_training,
             get_sgd_optimizer,
         )
 
         self.module = _load_for_executorch_for_training(str(path))
+        self.frozen = zero_frozen_inputs(frozen)  # what the device passes without overrides
         self.module.forward_backward("forward", (torch.zeros_like(example[0]),
-                                                 torch.zeros_like(example[1])))
+                                                 torch.zeros_like(example[1]), *self.frozen))
         self.params = {canonical_key(n): t for n, t in self.module.named_parameters().items()}
         self.optimizer = get_sgd_optimizer(self.module.named_parameters(), LEARNING_RATE,
                                            0.0, 0.0, 0.0, False)
@@ -79,7 +90,8 @@ class Program:
                 tensor.copy_(torch.from_numpy(adapter[key]))
 
     def _run(self, x: np.ndarray, y: np.ndarray) -> list[torch.Tensor]:
-        return self.module.forward_backward("forward", (torch.from_numpy(x), torch.from_numpy(y)))
+        return self.module.forward_backward("forward", (torch.from_numpy(x), torch.from_numpy(y),
+                                                        *self.frozen))
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         loss, *_ = self._run(x, y)
@@ -108,14 +120,14 @@ def _perturbed_adapter(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def case(request, tmp_path_factory):  # noqa: ANN001, ANN201
     model, example, batches = CASES[request.param]()
     path = tmp_path_factory.mktemp("pte") / f"{request.param}.pte"
-    export_pte(model, example, path, delegate="xnnpack")
-    return model, example, batches, path
+    frozen = export_pte(model, example, path, delegate="xnnpack")
+    return model, example, batches, path, frozen
 
 
 def _same_start(case):  # noqa: ANN001, ANN202
     """The program and the eager model, both loaded with the same perturbed adapter."""
-    model, example, batches, path = case
-    program = Program(path, example)
+    model, example, batches, path, frozen = case
+    program = Program(path, example, frozen)
     adapter = _perturbed_adapter(model)
     program.set_adapter(adapter)
     set_adapter(model, adapter)
@@ -151,6 +163,58 @@ def test_sgd_steps_match_eager(case) -> None:  # noqa: ANN001
         after = program.params[key].detach().numpy()
         np.testing.assert_allclose(after, p.detach().numpy(), atol=PARAM_ATOL, err_msg=key)
         assert np.abs(after - adapter[key]).max() > 0, f"{key} did not train"
+
+
+def _random_frozen(frozen: tuple[FrozenInput, ...]) -> tuple[torch.Tensor, ...]:
+    """A random delta per LoRA layer (W0 entries are ~0.03-0.1) and a random logit bias.
+
+    (A class mask's -1e4 would put the loss of a masked label at ~1e4, beyond float32's 1e-5.)
+    """
+    generator = torch.Generator().manual_seed(5)
+    scale = {BASE_DELTA: 0.02, LOGIT_BIAS: 0.5}
+    return tuple(scale[spec.kind] * torch.randn(spec.shape, generator=generator)
+                 for spec in frozen)
+
+
+def _eager_with(model: torch.nn.Module, values: tuple[torch.Tensor, ...]) -> torch.nn.Module:
+    """A copy of `model` with the overrides written into its parameters (as torch_backend does)."""
+    eager = copy.deepcopy(model)
+    eager.zero_grad(set_to_none=True)  # deepcopy copies the .grad earlier tests left behind
+    params = dict(eager.named_parameters())
+    with torch.no_grad():
+        for override, value in zip(frozen_overrides(eager), values, strict=True):
+            if override.spec.kind == BASE_DELTA:
+                params[override.parameter].add_(value)
+            else:
+                params[override.parameter].copy_(value)
+    return eager
+
+
+def test_frozen_inputs_match_eager_with_the_same_overrides(case) -> None:  # noqa: ANN001
+    model, batches, program, _, _ = _same_start(case)
+    frozen = case[4]
+    # CNN: fc1, fc2 and the logit bias; MiniLM: layer 0's query and value (it has no logit bias)
+    assert [spec.kind for spec in frozen].count(BASE_DELTA) == 2
+    program.frozen = _random_frozen(frozen)
+    eager = _eager_with(model, program.frozen)
+    params = _trainable(eager)
+    x, y = batches[0]
+    logits = eager(torch.from_numpy(x))
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
+    loss.backward()
+    got_loss, got_logits, *_ = program._run(x, y)
+    _, got = program.gradients(x, y)
+    assert float(got_loss) == pytest.approx(loss.item(), abs=LOSS_ATOL)
+    # relative too: on the CNN's random-noise batches logits and gradients reach ~100
+    np.testing.assert_allclose(got_logits.numpy(), logits.detach().numpy(), rtol=1e-5,
+                               atol=LOSS_ATOL)
+    for key, p in params.items():
+        np.testing.assert_allclose(got[key], p.grad.numpy(), rtol=1e-5, atol=GRAD_ATOL,
+                                   err_msg=key)
+    # the overrides matter: at zero the program computes other logits
+    program.frozen = zero_frozen_inputs(frozen)
+    _, plain_logits, *_ = program._run(x, y)
+    assert np.abs(plain_logits.numpy() - got_logits.numpy()).max() > 1e-2
 
 
 def test_xnnpack_program_is_delegated_and_keeps_trainables_outside() -> None:
@@ -207,13 +271,16 @@ def test_trainable_weights_stay_out_of_delegates(tmp_path: Path) -> None:
 def test_portable_lowering_is_still_available(tmp_path: Path) -> None:
     model, example, batches = _cnn()
     path = tmp_path / "portable.pte"
-    export_pte(model, example, path, delegate="portable")
-    program = Program(path, example)
+    frozen = export_pte(model, example, path, delegate="portable")
+    program = Program(path, example, frozen)
     x, y = batches[0]
-    got_loss, _ = program.gradients(x, y)
-    with torch.no_grad():
-        want = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
-    assert got_loss == pytest.approx(want.item(), abs=LOSS_ATOL)
+    for values in (program.frozen, _random_frozen(frozen)):  # frozen inputs at zero, then set
+        program.frozen = values
+        got_loss, _ = program.gradients(x, y)
+        with torch.no_grad():
+            eager_logits = _eager_with(model, values)(torch.from_numpy(x))
+            want = torch.nn.functional.cross_entropy(eager_logits, torch.from_numpy(y))
+        assert got_loss == pytest.approx(want.item(), abs=LOSS_ATOL)
     assert "xnnpack" in DELEGATES and "portable" in DELEGATES
     with pytest.raises(ValueError, match="unknown delegate"):
         export_pte(model, example, tmp_path / "x.pte", delegate="vulkan")

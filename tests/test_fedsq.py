@@ -82,7 +82,7 @@ def test_executorch_forward_backward_matches_eager(base_weights: Path, tmp_path:
         get_sgd_optimizer,
     )
 
-    from export.executorch_export import export_pte
+    from export.executorch_export import export_pte, zero_frozen_inputs
 
     # Prepare: a non-trivial adapter, so the gates and LoRA gradients are all exercised
     model = build_fedsq(base_weights, seed=0)
@@ -90,9 +90,11 @@ def test_executorch_forward_backward_matches_eager(base_weights: Path, tmp_path:
     x, y = FmnistCnn().example_batch(32)
     path = tmp_path / "fedsq.pte"
     # Execute: torch.export -> _export_forward_backward -> to_edge -> to_executorch
-    export_pte(model, (x, y), path)
+    frozen = export_pte(model, (x, y), path)
+    # Q's LoRA layers (the regex target leaves the structural copy's fc1/fc2 alone) + the bias
+    assert [spec.name for spec in frozen] == ["fc1", "fc2", "logit_bias"]
     program = _load_for_executorch_for_training(str(path))
-    loss, logits, *_ = program.forward_backward("forward", (x, y))
+    loss, logits, *_ = program.forward_backward("forward", (x, y, *zero_frozen_inputs(frozen)))
     gradients = {canonical_key(n): g.clone() for n, g in program.named_gradients().items()}
     optimiser = get_sgd_optimizer(program.named_parameters(), 0.05, 0.0, 0.0, 0.0, False)
     optimiser.step(program.named_gradients())

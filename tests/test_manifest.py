@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from export.build import ADAPTER_INIT_FILE, build_artifacts
-from protocol.manifest import Manifest, load_manifest
+from protocol.manifest import BASE_DELTA, LOGIT_BIAS, FrozenInput, Manifest, load_manifest
 from protocol.tensors import canonical_key
 
 
@@ -30,6 +32,28 @@ def test_initial_adapter_matches_manifest(cnn_artifacts: Path) -> None:
         "fc1.lora_A.weight", "fc1.lora_B.weight", "fc2.lora_A.weight", "fc2.lora_B.weight",
         "head.weight", "head.bias"}
     assert not adapter["fc1.lora_B.weight"].any()  # LoRA B starts at zero: W = W0 at round 0
+
+
+def test_manifest_lists_the_executorch_programs_frozen_inputs(cnn_artifacts: Path) -> None:
+    manifest = load_manifest(cnn_artifacts)
+    # program order: the LoRA layers' deltas, then the logit bias
+    assert manifest.frozen_inputs == (
+        FrozenInput("fc1", BASE_DELTA, (128, 1568)), FrozenInput("fc2", BASE_DELTA, (64, 128)),
+        FrozenInput(LOGIT_BIAS, LOGIT_BIAS, (10,)))
+    with pytest.raises(ValueError, match="kind"):
+        FrozenInput("fc1", "scale", (128, 1568))
+
+
+def test_a_manifest_without_frozen_inputs_parses_and_keeps_its_hash(cnn_artifacts: Path) -> None:
+    """Manifests written before the field existed: no frozen inputs, and the same JSON (hash)."""
+    manifest = load_manifest(cnn_artifacts)
+    raw = json.loads(manifest.to_json())
+    del raw["frozen_inputs"]
+    older = json.dumps(raw, sort_keys=True, indent=1)
+    parsed = Manifest.from_json(older)
+    assert parsed.frozen_inputs == ()
+    assert parsed.to_json() == older
+    assert parsed.sha256 == hashlib.sha256(older.encode()).hexdigest() != manifest.sha256
 
 
 def test_check_adapter_names_the_problem(cnn_artifacts: Path) -> None:

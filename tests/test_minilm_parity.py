@@ -148,3 +148,34 @@ def test_padded_rows_stay_finite(
         logits = trainers[name].logits(padded)
         assert np.isfinite(logits).all(), name
         np.testing.assert_allclose(logits[:-1], trainers[name].logits(ids)[:-1], atol=1e-5)
+
+
+def test_a_base_delta_on_every_lora_layer_matches_torch(
+    artifacts: Path, adapter: TensorDict, batch: tuple[np.ndarray, np.ndarray],
+    gradients: dict[str, tuple[float, TensorDict]],
+) -> None:
+    """Exact aggregation's residual on all 12 query/value layers: ExecuTorch passes it as program
+    inputs, ONNX Runtime and torch write it into the frozen weights; all three agree."""
+    from protocol.manifest import BASE_DELTA, load_manifest
+
+    specs = load_manifest(artifacts).frozen_inputs
+    assert len(specs) == 12 and {s.kind for s in specs} == {BASE_DELTA}  # no logit_bias
+    rng = np.random.default_rng(9)
+    deltas = {s.name: rng.normal(0.0, 0.02, s.shape).astype(np.float32) for s in specs}
+    results = {}
+    for backend in BACKENDS:
+        trainer = make_trainer(backend, artifacts)
+        trainer.set_adapter(adapter)
+        trainer.set_base_delta(deltas)
+        results[backend] = trainer.gradients(*batch)  # type: ignore[attr-defined]
+        if backend == "executorch":
+            with pytest.raises(NotImplementedError, match="logit-bias"):
+                trainer.set_class_mask([0, 1])
+    ref_loss, ref_grads = results["torch"]
+    assert abs(ref_loss - gradients["torch"][0]) > 1e-3  # the delta changed the model
+    for backend in ("executorch", "onnxruntime"):
+        loss, grads = results[backend]
+        assert loss == pytest.approx(ref_loss, abs=LOSS_ATOL), backend
+        for key, ref in ref_grads.items():
+            np.testing.assert_allclose(grads[key], ref, rtol=GRAD_RTOL, atol=GRAD_ATOL,
+                                       err_msg=f"{backend} {key}")

@@ -41,8 +41,8 @@ class Cnn(nn.Module):
         self.relu = nn.ReLU()
         # A frozen, settable additive mask on the logits (class-incremental learning): devices
         # set MASK_LOGIT (edge_client.trainer) on classes outside the current task. ONNX Runtime
-        # keeps frozen parameters in its checkpoint state, so the mask can change after export
-        # with no new program input; ExecuTorch compiles frozen parameters in (it stays zero).
+        # keeps frozen parameters in its checkpoint state, so the mask changes after export; the
+        # ExecuTorch program takes it as an input instead (manifest.frozen_inputs).
         self.logit_bias = nn.Parameter(torch.zeros(num_classes), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)

@@ -1,4 +1,10 @@
-"""ExecuTorch trainer: runs the exported joint forward/backward program with ExecuTorch's SGD."""
+"""ExecuTorch trainer: runs the exported joint forward/backward program with ExecuTorch's SGD.
+
+A .pte holds frozen weights as constants, so base deltas (exact aggregation) and the logit bias
+(class masks) are program inputs after (inputs, labels), listed in the manifest's frozen_inputs.
+The trainer keeps one tensor per frozen input (zeros until set) and passes them on every call.
+Programs exported before frozen inputs existed have none and refuse both operations.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_client.trainer import StepResult, correct_count
-from protocol.manifest import Manifest
+from edge_client.trainer import StepResult, class_mask_bias, correct_count
+from protocol.manifest import BASE_DELTA, LOGIT_BIAS, Manifest
 from protocol.tensors import TensorDict, canonical_key, is_personal
 
 
@@ -24,6 +30,10 @@ class ExecuTorchTrainer:
         if "executorch" not in manifest.files:
             raise FileNotFoundError(f"{artifact_dir} has no ExecuTorch program")
         self.manifest = manifest
+        # (kind, name) -> the value passed for that frozen input, in program order; zeros keep
+        # the model as exported (W0 itself, no mask).
+        self._frozen = {(spec.kind, spec.name): torch.zeros(spec.shape, dtype=torch.float32)
+                        for spec in manifest.frozen_inputs}
         # Load by path: the runtime keeps pointers into the program's bytes, and a buffer handed
         # over from Python would be freed under it once this constructor returns.
         self.module = _load_for_executorch_for_training(
@@ -47,7 +57,8 @@ class ExecuTorchTrainer:
 
     def _run(self, inputs: np.ndarray, labels: np.ndarray) -> list[torch.Tensor]:
         return self.module.forward_backward(
-            "forward", (torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels))
+            "forward", (torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels),
+                        *self._frozen.values())
         )
 
     def set_adapter(self, adapter: TensorDict) -> None:
@@ -82,16 +93,41 @@ class ExecuTorchTrainer:
         return float(loss), grads
 
     def set_base_delta(self, deltas: dict[str, np.ndarray]) -> None:
-        """Not possible: the .pte holds frozen weights as constants, not as mutable tensors."""
-        raise NotImplementedError(
-            "ExecuTorch programs compile frozen weights in; exact aggregation needs devices "
-            "on the torch or onnxruntime backend")
+        """Frozen weight of each layer := W0 + delta (program inputs; W0 stays in the program).
+
+        Like the other backends: a layer's delta replaces its earlier one, layers not in `deltas`
+        keep theirs. Nothing changes unless every layer is known (KeyError) with the right shape
+        (ValueError).
+        """
+        if not any(kind == BASE_DELTA for kind, _ in self._frozen):
+            raise NotImplementedError(
+                "this ExecuTorch program compiles its frozen weights in (exported before frozen "
+                "inputs); re-export it for exact aggregation")
+        for layer, delta in deltas.items():
+            self._check_shape((BASE_DELTA, layer), delta)
+        for layer, delta in deltas.items():
+            # a float32 copy: the server's factors may come as float64 or read-only arrays
+            self._frozen[(BASE_DELTA, layer)].copy_(torch.from_numpy(np.array(delta, np.float32)))
 
     def set_class_mask(self, classes: Sequence[int] | None) -> None:
-        """Not possible: the .pte holds the frozen logit bias as a constant."""
-        raise NotImplementedError(
-            "ExecuTorch programs compile the logit bias in; class masks need devices on the "
-            "torch or onnxruntime backend")
+        """Logits outside `classes` := MASK_LOGIT, through the program's logit-bias input."""
+        key = (LOGIT_BIAS, LOGIT_BIAS)
+        if key not in self._frozen:
+            raise NotImplementedError(
+                f"this ExecuTorch program of workload {self.manifest.workload!r} has no logit-bias "
+                "input (no logit_bias, or exported before frozen inputs): it cannot mask classes")
+        bias = class_mask_bias(classes, len(self.manifest.labels))  # ValueError before any change
+        self._frozen[key].copy_(torch.from_numpy(bias))
+
+    def _check_shape(self, key: tuple[str, str], value: np.ndarray) -> None:
+        """KeyError if the program has no such frozen input, ValueError if the shape differs."""
+        if key not in self._frozen:
+            known = sorted(name for kind, name in self._frozen if kind == key[0])
+            raise KeyError(f"no {key[0]} input for {key[1]!r}; the program has {known}")
+        want = tuple(self._frozen[key].shape)
+        if tuple(np.shape(value)) != want:
+            raise ValueError(
+                f"{key[0]} for {key[1]!r} has shape {np.shape(value)}, expected {want}")
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Class scores (the program also computes gradients; they are discarded)."""
