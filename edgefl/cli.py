@@ -8,8 +8,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TypeVar
 
 from edgefl.gateway import AGGREGATOR_ID, load_gateway
+
+
+ConfigT = TypeVar("ConfigT")
 
 
 def quiet_third_party() -> None:
@@ -78,7 +82,7 @@ def task_schedule(args: argparse.Namespace) -> tuple[tuple[int, ...], ...]:
             from exc
 
 
-def _config(kind: type, **fields: object) -> object:
+def _config(kind: type[ConfigT], **fields: object) -> ConfigT:
     """Build a config dataclass; its validation errors end the command with a clear message."""
     try:
         return kind(**fields)
@@ -146,7 +150,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         print(f"status page: {status.url}", flush=True)
     try:
         for record in coordinator.run():
-            print(f"round {record.round}: {len(record.devices)} devices, {record.samples} samples,"
+            # FL-TAC counts task slots (a multi-task device sends one update per task)
+            unit = "task slots" if config.strategy == "fltac" else "devices"
+            print(f"round {record.round}: {len(record.devices)} {unit}, {record.samples} samples,"
                   f" metrics {record.metrics}")
     finally:
         if status is not None:

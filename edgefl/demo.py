@@ -78,6 +78,10 @@ class FederationConfig:
     rounds_per_task: int = 1
 
     def __post_init__(self) -> None:
+        # The aggregator's own checks (strategy, clusters, schedule, mode), before any work.
+        AggregatorConfig(rounds=self.rounds, strategy=self.strategy, mode=self.mode,
+                         num_clusters=self.num_clusters, task_schedule=self.task_schedule,
+                         rounds_per_task=self.rounds_per_task)
         if self.strategy == FLTAC_STRATEGY and not self.fleet.multitask:
             raise ValueError("fltac needs a multi-task fleet (FleetConfig.multitask)")
 

@@ -32,6 +32,7 @@ INCREMENTAL_COLUMNS = (
     Column("Δ vs FedAvg", "test_accuracy", "delta"),
     Column("avg incremental acc", "average_incremental"),
     Column("forgetting ↓", "forgetting"),
+    Column("rounds to best", "rounds_to_best_incremental", "int"),
     Column("mean device acc", "mean_device"),
     Column("worst device acc", "worst_device"),
     Column("bytes up / round", "bytes_up", "bytes"),
@@ -184,7 +185,9 @@ def render(results: Results, config: SimConfig, command: str) -> str:
               "task, "
               "each task's data split over the devices by Dirichlet α = 0.5. Accuracy is measured "
               "without a task id over all classes seen so far; forgetting is the mean drop of "
-              "tasks 1–4 from their best to their final accuracy.", "",
+              "tasks 1–4 from their best to their final accuracy; rounds to best counts the "
+              "rounds up to the task end where that accuracy peaked (an early peak: later "
+              "tasks cost more than they add).", "",
               table(results.runs["incremental"], INCREMENTAL_COLUMNS), "",
               "## Multi-task: clothing type (10 classes) vs garment group (4 classes)", "",
               "Half the devices label images by type, half (on other images) by group: tops, "

@@ -149,7 +149,10 @@ def incremental_runs(
         results.append(RunResult(
             method, history, history[-1], shares @ per_class,
             float(np.mean(fed.bytes_up)), float(np.mean(fed.bytes_down)),
-            {"forgetting": float(forgetting), "average_incremental": float(np.mean(history))}
+            {"forgetting": float(forgetting), "average_incremental": float(np.mean(history)),
+             # history holds one value per task: count the rounds that reached the best one
+             "rounds_to_best_incremental": float((np.argmax(history) + 1)
+                                                 * config.rounds_per_task)}
             | ({"residual_ratio": float(np.mean(fed.residual_ratio))}
                if fed.residual_ratio else {}),
         ))
@@ -189,4 +192,6 @@ def joint_central_run(
                     config.local_steps * config.devices * config.rounds_per_task,
                     config.batch_size, rng)
         history.append(float(np.mean(predictions(model, test) == test.y)))
-    return _global_result(CENTRAL_JOINT, model, test, shares, history, None)
+    result = _global_result(CENTRAL_JOINT, model, test, shares, history, None)
+    best = float((np.argmax(history) + 1) * config.rounds_per_task)  # in round-equivalents
+    return replace(result, extra={"rounds_to_best_incremental": best})

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from edgefl.cli import build_parser, dp_report
+from edgefl.cli import _federation_config, build_parser, dp_report, task_schedule
 from edgefl.privacy_accounting import epsilon
 
 
@@ -42,3 +42,23 @@ def test_other_strategies_report_no_privacy() -> None:
 def test_unknown_strategy_is_refused_by_the_parser() -> None:
     with pytest.raises(SystemExit):
         _aggregator_args("--strategy", "nonsense")
+
+
+def test_task_schedule_parses_and_fed_talora_defaults_to_five_by_two() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["aggregator", "--strategy", "fedavg", "--task-schedule", "0,1;2"])
+    assert task_schedule(args) == ((0, 1), (2,))
+    args = parser.parse_args(["aggregator", "--strategy", "fed-talora"])
+    assert task_schedule(args) == ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+    assert task_schedule(parser.parse_args(["aggregator"])) == ()
+    with pytest.raises(SystemExit, match="--task-schedule"):
+        task_schedule(parser.parse_args(["aggregator", "--task-schedule", "0,one"]))
+
+
+def test_bad_method_settings_end_with_a_message_not_a_traceback() -> None:
+    args = build_parser().parse_args(["demo", "--strategy", "fltac", "--clusters", "0"])
+    with pytest.raises(SystemExit, match="edgefl: num_clusters must be at least 1"):
+        _federation_config(args, "runs/demo")
+    args = build_parser().parse_args(["demo", "--task-schedule", "0,1;-1"])
+    with pytest.raises(SystemExit, match="class ids"):
+        _federation_config(args, "runs/demo")
