@@ -36,7 +36,7 @@ from protocol.codec import (
     split_global_tensors,
 )
 from protocol.manifest import Manifest
-from protocol.messages import GlobalModel, TrainConfig, Update, slot_key
+from protocol.messages import GlobalModel, TrainConfig, Update, slot_key, slot_start_adapter
 from protocol.signing import SignatureError, SigningRegistry, open_signed
 from protocol.tensors import TensorDict, check_finite, shared
 from transport import Received, Transport, TransportError
@@ -276,9 +276,11 @@ class Coordinator:
         slot = slot_key(update.device_id, update.task)
         # The adapter this slot started from: the open round's (its FL-TAC cluster's), or
         # (async) an older global.
-        stored = None if update.round == self.round else self.store.global_at(update.round)
-        base = self._start_adapter(slot) if update.round == self.round else (
-            None if stored is None else split_global_tensors(stored)[0])
+        if update.round == self.round:
+            base = slot_start_adapter(self.adapter, self.clusters, self.assignment, slot)
+        else:
+            stored = self.store.global_at(update.round)
+            base = None if stored is None else split_global_tensors(stored)[0]
         if base is None:
             self.rejections["stale-round"] += 1
             logger.warning("no stored global for round %d; dropped %s", update.round,
@@ -309,11 +311,6 @@ class Coordinator:
         self.store.accept(update.update_id, slot, update.num_samples, weight, state, kept)
         logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, slot,
                     update.num_samples, len(state.reported), self.config.clients_per_round)
-
-    def _start_adapter(self, slot: str) -> TensorDict:
-        """What a submission slot was sent this round: its FL-TAC cluster's, else the global."""
-        cluster = self.assignment.get(slot)
-        return self.adapter if cluster is None else self.clusters[cluster]
 
     # -- main loop -------------------------------------------------------------------------
     def _round_ready(self) -> bool:
@@ -456,12 +453,6 @@ class Coordinator:
                 except TransportError as exc:
                     logger.warning("could not publish the final global yet: %s", exc)
             time.sleep(1.0)
-
-
-def _split_residual(saved: TensorDict) -> tuple[TensorDict, TensorDict]:
-    """A stored global -> (adapter, residual factors); the store keeps both in one blob."""
-    adapter, residual, _ = split_global_tensors(saved)
-    return adapter, residual
 
 
 def adapter_distance(a: TensorDict, b: TensorDict) -> float:

@@ -167,12 +167,10 @@ class DeviceAgent:
             # The device's data of the current task: in a real deployment the examples that
             # arrived during it; emulated devices hold their whole stream and filter it.
             keep = np.isin(labels, message.task_classes)
-            if not keep.any():
-                logger.info("%s: no examples of task %s's classes; sitting round %d out",
-                            self.device_id, message.task_index, message.round)
-                return None
             inputs, labels = inputs[keep], labels[keep]
-        if len(labels) == 0:  # a tiny device may hold nothing for one of its tasks
+        if len(labels) == 0:  # nothing of the current task, or a tiny device's empty task
+            logger.info("%s: no examples for task slot %r; sitting round %d out",
+                        self.device_id, task.name, message.round)
             return None
         start = message.start_adapter(self.device_id, task.name)
         self.trainer.set_adapter(start | self.personal)
@@ -270,8 +268,8 @@ class DeviceAgent:
                                self.device_id, round_number, exc)
                 return False
             # What is sent leaves the file: a crash now resends only the rest.
-            self._save_pending(round_number, payloads[1:])
-            payloads = self.pending[1] if self.pending else []
+            payloads = payloads[1:]
+            self._save_pending(round_number, payloads)
         self._clear_pending()
         return True
 

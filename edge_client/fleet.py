@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_client.agent import DeviceAgent, device_seed
-from edge_client.data import multitask_tasks
+from edge_client.data import LocalTask, multitask_tasks
 from edge_client.trainer import Trainer, make_trainer
-from protocol.messages import GlobalModel, Update
+from protocol.messages import GlobalModel, Update, slot_key
 from transport.mqtt import MqttTransport
 from workloads import fmnist
 
@@ -87,6 +87,36 @@ def fleet_device_id(index: int) -> str:
     return f"dev-{index:05d}"
 
 
+def _fleet_split(config: FleetConfig) -> tuple[fmnist.Dataset, list[np.ndarray],
+                                               np.random.Generator]:
+    """The private data, every device's Dirichlet share, and the generator that drew them
+    (build_fleet draws the devices' slowdowns from it next)."""
+    _, private = fmnist.public_and_private(fmnist.load("train"))
+    rng = np.random.default_rng(config.seed)
+    parts = fmnist.dirichlet_split(private.y, config.devices, config.alpha, rng, min_size=1)
+    return private, parts, rng
+
+
+def _device_tasks(config: FleetConfig, private: fmnist.Dataset, part: np.ndarray,
+                  device_id: str) -> dict[str, LocalTask]:
+    """A multi-task device's two local tasks, keyed by their true labelling."""
+    return multitask_tasks(private.subset(part), device_seed(device_id) ^ config.seed)
+
+
+def fleet_task_kinds(config: FleetConfig) -> dict[str, str]:
+    """Slot -> true labelling (type or group) of every task slot of a multi-task fleet.
+
+    For scoring only: the aggregator is never told which task a slot serves.
+    """
+    private, parts, _ = _fleet_split(config)
+    kinds = {}
+    for i, part in enumerate(parts):
+        device_id = fleet_device_id(i)
+        kinds |= {slot_key(device_id, task.name): kind
+                  for kind, task in _device_tasks(config, private, part, device_id).items()}
+    return kinds
+
+
 def build_fleet(config: FleetConfig, host: str, port: int, federation: str, artifacts: Path,
                 state_dir: Path | None = None, mqtt_version: int = 5,
                 indices: range | None = None) -> list[EmulatedDevice]:
@@ -95,9 +125,7 @@ def build_fleet(config: FleetConfig, host: str, port: int, federation: str, arti
     Every process computes the same split from the seed, so slices built in different worker
     processes never overlap.
     """
-    _, private = fmnist.public_and_private(fmnist.load("train"))
-    rng = np.random.default_rng(config.seed)
-    parts = fmnist.dirichlet_split(private.y, config.devices, config.alpha, rng, min_size=1)
+    private, parts, rng = _fleet_split(config)
     slowdowns = rng.uniform(*config.slowdown, size=config.devices)
     trainers: dict[str, tuple[Trainer, threading.Lock]] = {
         b: (make_trainer(b, artifacts), threading.Lock()) for b in config.backends
@@ -113,7 +141,7 @@ def build_fleet(config: FleetConfig, host: str, port: int, federation: str, arti
         seed = device_seed(device_id) ^ config.seed
         if config.multitask:
             data = {"inputs": None, "labels": None,
-                    "tasks": list(multitask_tasks(private.subset(part), seed).values())}
+                    "tasks": list(_device_tasks(config, private, part, device_id).values())}
         else:
             data = {"inputs": private.x[part], "labels": private.y[part]}
         devices.append(EmulatedDevice(

@@ -28,20 +28,18 @@ from aggregator.coordinator import (
     RoundRecord,
 )
 from aggregator.store import GlobalStore
-from edge_client.agent import device_seed
-from edge_client.data import multitask_tasks
 from edge_client.fleet import (
     DEVICES_PER_PROCESS,
     FleetConfig,
     FleetProcesses,
     build_fleet,
-    fleet_device_id,
+    fleet_task_kinds,
     start_fleet,
 )
 from edge_client.trainer import Trainer, evaluate_dataset, make_trainer
 from export.build import build_artifacts
 from protocol.manifest import load_manifest
-from protocol.messages import TrainConfig, slot_key
+from protocol.messages import TrainConfig
 from protocol.tensors import TensorDict
 from transport.broker import Broker
 from transport.mqtt import MqttTransport
@@ -138,7 +136,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
     test = test.subset(np.arange(min(config.eval_size, len(test))))
     evaluator = make_trainer("onnxruntime", artifacts)  # fastest backend for scoring globals
     coordinator: Coordinator | None = None  # set below; scoring reads its residual and clusters
-    truth = _slot_tasks(config) if config.strategy == FLTAC_STRATEGY else {}
+    truth = fleet_task_kinds(fleet) if config.strategy == FLTAC_STRATEGY else {}
 
     def score(adapter: TensorDict) -> tuple[float, float]:
         if coordinator is None or not (coordinator.clusters or coordinator.base_residual
@@ -272,20 +270,6 @@ def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator
         return (*evaluate_dataset(evaluator, test.x[keep], test.y[keep]), {})
     finally:
         evaluator.set_class_mask(None)
-
-
-def _slot_tasks(config: FederationConfig) -> dict[str, str]:
-    """Slot -> true labelling of a multi-task fleet (the same split build_fleet makes)."""
-    fleet = config.fleet
-    _, private = fmnist.public_and_private(fmnist.load("train"))
-    parts = fmnist.dirichlet_split(private.y, fleet.devices, fleet.alpha,
-                                   np.random.default_rng(fleet.seed), min_size=1)
-    truth = {}
-    for i, part in enumerate(parts):
-        device_id = fleet_device_id(i)
-        tasks = multitask_tasks(private.subset(part), device_seed(device_id) ^ fleet.seed)
-        truth |= {slot_key(device_id, task.name): kind for kind, task in tasks.items()}
-    return truth
 
 
 def _measure(config: FederationConfig) -> str:

@@ -47,6 +47,13 @@ def slot_key(device_id: str, task: str = "") -> str:
     return f"{device_id}/{task}" if task else device_id
 
 
+def slot_start_adapter(adapter: TensorDict, clusters: tuple[TensorDict, ...],
+                       assignment: dict[str, int], slot: str) -> TensorDict:
+    """The adapter a slot trains from: its FL-TAC cluster's if assigned, else the global one."""
+    cluster = assignment.get(slot)
+    return adapter if cluster is None else clusters[cluster]
+
+
 @dataclass(frozen=True, slots=True)
 class GlobalModel:
     """Aggregator -> devices (retained): the global adapter that opens `round`.
@@ -86,8 +93,8 @@ class GlobalModel:
 
     def start_adapter(self, device_id: str, task: str = "") -> TensorDict:
         """The adapter a slot trains from: its FL-TAC cluster's, else the global one."""
-        cluster = self.assignment.get(slot_key(device_id, task))
-        return self.adapter if cluster is None else self.clusters[cluster]
+        return slot_start_adapter(self.adapter, self.clusters, self.assignment,
+                                  slot_key(device_id, task))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from aggregator.coordinator import AggregatorConfig, Coordinator, _split_residual
+from aggregator.coordinator import AggregatorConfig, Coordinator
 from aggregator.store import GlobalStore
 from edge_client.agent import DeviceAgent
 from edge_client.data import device_partitions
 from edge_client.trainer import make_trainer
+from protocol.codec import split_global_tensors
 from protocol.manifest import BASE_DELTA, Manifest, load_manifest
 from protocol.messages import GlobalModel, TrainConfig
 from transport.broker import Broker
@@ -79,8 +80,8 @@ def test_exact_federation_equals_the_mean_of_client_models(
         updates = store.accepted_adapters(round_number)
         assert len(updates) == len(BACKENDS)
         total = sum(w for _, w in updates)
-        before_adapter, before = _split_residual(store.global_at(round_number))
-        after_adapter, after = _split_residual(store.global_at(round_number + 1))
+        before_adapter, before, _ = split_global_tensors(store.global_at(round_number))
+        after_adapter, after, _ = split_global_tensors(store.global_at(round_number + 1))
         for layer in LAYERS:
             shape = _lora(after_adapter, layer).shape
             got = _residual(after, layer, shape) + scaling * _lora(after_adapter, layer)
@@ -89,7 +90,7 @@ def test_exact_federation_equals_the_mean_of_client_models(
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{layer} round {round_number}")
             # FedAvg of the factors alone is not exact: the residual carries the difference
             assert np.abs(_residual(after, layer, shape) - _residual(before, layer, shape)).max() > 1e-7
-    final_adapter, final_residual = _split_residual(store.global_at(2))
+    final_adapter, final_residual, _ = split_global_tensors(store.global_at(2))
     assert {k.rsplit(".", 1)[0] for k in final_residual} == set(LAYERS)
     assert final_residual["fc1.U"].shape[0] == 128 and final_residual["fc1.V"].shape[1] == 1568
 
