@@ -29,7 +29,7 @@ class EagerBaseline:
     def __init__(self, workload_name: str, learning_rate: float) -> None:
         import torch
 
-        from workloads.base import get_workload
+        from workloads.registry import get_workload
 
         workload = get_workload(workload_name)
         self.model = workload.build(workload.base_weights(), seed=0)

@@ -19,8 +19,9 @@ from safetensors.numpy import save_file
 
 from protocol.manifest import MANIFEST_FILE, FrozenInput, Manifest, TensorSpec
 from protocol.tensors import canonical_key
-from workloads.base import REPO_ROOT, Workload, cache_root, file_sha256, get_workload
+from workloads.base import REPO_ROOT, Workload, cache_root, file_sha256
 from workloads.lora import get_adapter
+from workloads.registry import get_workload
 
 logger = logging.getLogger(__name__)
 

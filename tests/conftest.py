@@ -50,7 +50,7 @@ def legacy_cnn_artifacts(cnn_artifacts: Path, tmp_path_factory: pytest.TempPathF
 
     from export.executorch_export import export_pte
     from protocol.manifest import MANIFEST_FILE, load_manifest
-    from workloads.base import get_workload
+    from workloads.registry import get_workload
 
     folder = tmp_path_factory.mktemp("legacy") / cnn_artifacts.name
     shutil.copytree(cnn_artifacts, folder)

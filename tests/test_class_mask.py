@@ -139,7 +139,7 @@ def test_class_mask_bias() -> None:
 
 @pytest.mark.parametrize("workload", ["fmnist-cnn", "fmnist-fedsq", "fmnist-colora"])
 def test_every_cnn_workload_adds_the_bias_to_its_logits(workload: str) -> None:
-    from workloads.base import get_workload
+    from workloads.registry import get_workload
 
     spec = get_workload(workload)
     model = spec.build(spec.base_weights(), seed=0)

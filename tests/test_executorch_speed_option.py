@@ -25,8 +25,8 @@ from export.executorch_export import (
 )
 from protocol.manifest import BASE_DELTA, LOGIT_BIAS, FrozenInput
 from protocol.tensors import canonical_key
-from workloads.base import get_workload
 from workloads.lora import set_adapter
+from workloads.registry import get_workload
 
 # Measured: CNN loss 5e-7, gradients 2.9e-6 (of magnitude ~10), adapter after 3 steps 2.2e-7;
 # MiniLM loss 0, gradients 1.5e-7, adapter 3e-8.

@@ -1,4 +1,7 @@
-"""The Workload interface (model + LoRA + data for one task) and the registry of workloads."""
+"""The Workload interface (model + LoRA + data for one task) and the cache helpers workloads use."""
+
+# Workload modules import this one; the registry that imports them by name is workloads.registry,
+# so that no import here leads back to a workload (that would close a cycle).
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ from typing import Protocol
 
 import torch
 from torch import nn
-
-from workloads import WORKLOAD_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,26 +56,3 @@ class Workload(Protocol):
     def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One (inputs, labels) batch with the right shapes and dtypes, for export."""
         ...
-
-
-def get_workload(name: str) -> Workload:
-    """Look a workload up by name."""
-    # Imported here so that using one workload never loads the other's heavy dependencies.
-    if name == "fmnist-cnn":
-        from workloads.cnn import FmnistCnn
-
-        return FmnistCnn()
-    if name == "fmnist-fedsq":
-        from workloads.fedsq import FmnistFedSq
-
-        return FmnistFedSq()
-    if name == "fmnist-colora":
-        from workloads.colora import FmnistCoLora
-
-        return FmnistCoLora()
-    if name == "minilm-fortunes":
-        from workloads.minilm import MiniLmFortunes
-
-        return MiniLmFortunes()
-    raise ValueError(f"unknown workload {name!r}; choose from {WORKLOAD_NAMES}")
-

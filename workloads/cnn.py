@@ -40,9 +40,9 @@ class Cnn(nn.Module):
         self.head = nn.Linear(64, num_classes)
         self.relu = nn.ReLU()
         # A frozen, settable additive mask on the logits (class-incremental learning): devices
-        # set MASK_LOGIT (edge_client.trainer) on classes outside the current task. ONNX Runtime
-        # keeps frozen parameters in its checkpoint state, so the mask changes after export; the
-        # ExecuTorch program takes it as an input instead (manifest.frozen_inputs).
+        # set MASK_LOGIT (edge_client.trainer_base) on classes outside the current task. ONNX
+        # Runtime keeps frozen parameters in its checkpoint state, so the mask changes after
+        # export; the ExecuTorch program takes it as an input instead (manifest.frozen_inputs).
         self.logit_bias = nn.Parameter(torch.zeros(num_classes), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_client.trainer import StepResult, class_mask_bias, correct_count
+from edge_client.trainer_base import StepResult, class_mask_bias, correct_count
 from protocol.manifest import BASE_DELTA, LOGIT_BIAS, Manifest
 from protocol.tensors import TensorDict, canonical_key, is_personal
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.trainer import (
+from edge_client.trainer_base import (
     StepResult,
     base_weight_name,
     class_mask_bias,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from edge_client.trainer import (
+from edge_client.trainer_base import (
     StepResult,
     base_weight_name,
     class_mask_bias,
@@ -16,8 +16,9 @@ from edge_client.trainer import (
 )
 from protocol.manifest import Manifest
 from protocol.tensors import TensorDict, is_personal
-from workloads.base import file_sha256, get_workload
+from workloads.base import file_sha256
 from workloads.lora import get_adapter, set_adapter
+from workloads.registry import get_workload
 
 
 class TorchTrainer:
