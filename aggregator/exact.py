@@ -11,13 +11,22 @@ reconstruction). Unlike the FedEx-LoRA code, the residual is never a dense d_out
 
 which equals Σp_k B_k A_k − B̄Ā because Σp_k = 1, and has rank ≤ (K−1)·r (the weighted blocks of U sum
 to zero), below the (K+1)·r of the uncentred form. A device adds `scaling · U @ V` to the frozen
-weight of each LoRA layer, `scaling` being its LoRA scale (α/r in peft). Residuals of several
-rounds concatenate, so a device that skipped rounds catches up with one merged residual.
+weight of each LoRA layer, `scaling` being its LoRA scale (α/r in peft).
+
+The server keeps one cumulative residual (scaled: in weight units) and sends all of it with every
+global, so devices stay stateless: each sets its frozen weight to pretrained W0 + U @ V, whatever
+rounds it missed. Each round `fold` adds the round's residual to the cumulative one and re-factors
+the sum exactly; the rank grows by up to (K−1)·r per round, so once the sum's rank passes the
+budget of `rank_budget` (the payload limit, and never past `crossover_rank`, beyond which factors
+cost more than the dense matrix) `fold` keeps its best rank-budget approximation and reports the
+relative Frobenius error of what it dropped. `residual_tensors` / `residual_from_tensors` convert
+to and from the wire tensors `<layer>.U`, `<layer>.V` of GlobalModel.base_residual.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,9 +35,10 @@ from protocol.tensors import TensorDict
 
 Factors = tuple[np.ndarray, np.ndarray]  # (U (d_out, q), V (q, d_in)): the residual is U @ V
 Residual = dict[str, Factors]  # LoRA layer prefix ("fc1") -> factors
-ResidualLog = Mapping[int, Residual]  # round -> the residual that round produced
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+_U, _V = ".U", ".V"  # wire names of a layer's residual factors (GlobalModel.base_residual)
+_FLOAT32_BYTES = 4
 # Singular values below this fraction of the largest are numerical noise of an exactly
 # lower-rank product (float64 has ~1e-16 relative precision; 1e-10 leaves a wide margin).
 RANK_RTOL = 1e-10
@@ -104,21 +114,33 @@ def compact(
     Returns:
         (U', V') in float32, U' (d_out, q'), V' (q', d_in), q' ≤ min(d_out, d_in, q).
     """
+    factors, _, _ = _compact(u, v, max_rank, rtol, atol)
+    return factors
+
+
+def _compact(
+    u: np.ndarray, v: np.ndarray, max_rank: int | None, rtol: float, atol: float
+) -> tuple[Factors, np.ndarray, np.ndarray]:
+    """compact, also returning the kept singular values and those `max_rank` cut off.
+
+    Singular values dropped as numerical noise (at or below max(rtol·σ_max, atol)) are in
+    neither array: ‖U V − U' V'‖_F is the norm of the second array (up to that noise).
+    """
     u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
-    if u64.shape[1] != v64.shape[0]:
+    if u64.ndim != 2 or v64.ndim != 2 or u64.shape[1] != v64.shape[0]:
         raise ValueError(f"factor shapes {u64.shape} and {v64.shape} do not multiply")
     if u64.shape[1] == 0:
-        return u64.astype(np.float32), v64.astype(np.float32)
+        return (u64.astype(np.float32), v64.astype(np.float32)), np.zeros(0), np.zeros(0)
     # U V = Qu (Ru Rvᵀ) Qvᵀ, and Ru Rvᵀ is only q×q: its SVD is cheap however large d is.
     qu, ru = np.linalg.qr(u64)
     qv, rv = np.linalg.qr(v64.T)
     left, sigma, right = np.linalg.svd(ru @ rv.T)
-    keep = int(np.sum(sigma > max(rtol * sigma[0], atol))) if sigma.size else 0
-    if max_rank is not None:
-        keep = min(keep, max_rank)
+    rank = int(np.sum(sigma > max(rtol * sigma[0], atol))) if sigma.size else 0
+    keep = rank if max_rank is None else min(rank, max_rank)
     root = np.sqrt(sigma[:keep])
-    return ((qu @ left[:, :keep]) * root).astype(np.float32), \
+    factors = ((qu @ left[:, :keep]) * root).astype(np.float32), \
         (root[:, None] * (right[:keep] @ qv.T)).astype(np.float32)
+    return factors, sigma[:keep], sigma[keep:rank]
 
 
 def merge_residuals(residuals: Sequence[Residual], max_rank: int | None = None) -> Residual:
@@ -139,19 +161,144 @@ def merge_residuals(residuals: Sequence[Residual], max_rank: int | None = None) 
     return out
 
 
-def residual_since(
-    log: ResidualLog, after_round: int, upto_round: int, max_rank: int | None = None
-) -> Residual:
-    """The merged residual of rounds after_round < t ≤ upto_round: a device's catch-up.
+def crossover_rank(d_out: int, d_in: int) -> int:
+    """floor(d_out·d_in / (d_out + d_in)): above this rank, factors cost more than the dense matrix.
 
-    A device whose frozen weights include every residual up to `after_round` adds this one to be
-    level with the server at `upto_round`. Rounds missing from the log contributed nothing.
+    Rank-q factors hold q·(d_out + d_in) numbers, the dense matrix d_out·d_in.
+
+    Raises:
+        ValueError: a dimension that is not positive.
     """
-    if after_round > upto_round:
-        raise ValueError(f"after_round {after_round} is past upto_round {upto_round}")
-    return merge_residuals(
-        [log[t] for t in sorted(log) if after_round < t <= upto_round], max_rank=max_rank
-    )
+    if d_out <= 0 or d_in <= 0:
+        raise ValueError(f"layer dimensions must be positive, got ({d_out}, {d_in})")
+    return (d_out * d_in) // (d_out + d_in)
+
+
+def rank_budget(
+    shapes: Mapping[str, tuple[int, int]], reserved_bytes: int, limit_bytes: int
+) -> int:
+    """The largest uniform residual rank q whose float32 factors fit in a payload.
+
+    q is the largest with Σ_layers 4·q·(d_out + d_in) + reserved_bytes ≤ limit_bytes, capped at
+    the smallest crossover_rank of the layers (past it, a layer's factors outgrow its dense
+    matrix).
+
+    Args:
+        shapes: LoRA layer -> (d_out, d_in) of its frozen weight.
+        reserved_bytes: the rest of the payload (the adapter, plus any codec overhead the caller
+            wants to leave room for).
+        limit_bytes: the payload limit (protocol.codec.MAX_PAYLOAD_BYTES for a global).
+
+    Raises:
+        ValueError: no layers, a non-positive dimension, or reserved_bytes over the limit.
+    """
+    if not shapes:
+        raise ValueError("rank_budget needs at least one layer shape")
+    if reserved_bytes > limit_bytes:
+        raise ValueError(f"the {reserved_bytes} reserved bytes alone exceed the "
+                         f"{limit_bytes}-byte limit: no residual rank fits")
+    cap = min(crossover_rank(d_out, d_in) for d_out, d_in in shapes.values())
+    per_rank = _FLOAT32_BYTES * sum(d_out + d_in for d_out, d_in in shapes.values())
+    return min(cap, (limit_bytes - reserved_bytes) // per_rank)
+
+
+@dataclass(frozen=True, slots=True)
+class Folded:
+    """A cumulative residual after `fold`.
+
+    truncation_error: ‖R_exact − R_kept‖_F / ‖R_exact‖_F over all layers together, R_exact being
+        the exact sum that was folded (0.0 when no layer was truncated).
+    ranks: layer -> the rank kept.
+    """
+
+    residual: Residual
+    truncation_error: float
+    ranks: dict[str, int]
+
+
+def fold(cumulative: Residual, increment: Residual, max_rank: int) -> Folded:
+    """Add a round's residual to the cumulative one, re-factored and kept at rank ≤ max_rank.
+
+    Per layer the factors concatenate ([U_c U_i][V_c; V_i] = U_c V_c + U_i V_i) and are
+    re-factored exactly through compact's thin SVD, which also drops directions that cancelled.
+    Only where that exact rank exceeds `max_rank` is the sum replaced by its best rank-max_rank
+    approximation (Eckart–Young). Layers present on one side only are kept (re-factored too, so
+    they respect `max_rank`). Both residuals must be in the same units (scale both or neither).
+
+    Raises:
+        ValueError: a negative max_rank, or a layer whose factors differ in shape between sides.
+    """
+    if max_rank < 0:
+        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+    out: Residual = {}
+    ranks: dict[str, int] = {}
+    kept_sq = dropped_sq = 0.0
+    for layer in sorted(set(cumulative) | set(increment)):
+        parts = [side[layer] for side in (cumulative, increment) if layer in side]
+        if len({(u.shape[0], v.shape[1]) for u, v in parts}) > 1:
+            raise ValueError(f"layer {layer!r}: the cumulative residual is "
+                             f"{_shape(parts[0])} but the increment {_shape(parts[1])}")
+        u = np.concatenate([np.asarray(p[0], np.float64) for p in parts], axis=1)
+        v = np.concatenate([np.asarray(p[1], np.float64) for p in parts], axis=0)
+        # As in `residual`: directions that cancel leave noise of the size of the parts, not of
+        # their sum, so the noise floor is relative to the parts (‖U_p V_p‖ ≤ ‖U_p‖‖V_p‖).
+        floor = RANK_RTOL * max(float(np.linalg.norm(pu) * np.linalg.norm(pv)) for pu, pv in parts)
+        out[layer], kept, dropped = _compact(u, v, max_rank, RANK_RTOL, floor)
+        ranks[layer] = kept.size
+        kept_sq += float(np.sum(kept**2))
+        dropped_sq += float(np.sum(dropped**2))
+    total = kept_sq + dropped_sq
+    error = float(np.sqrt(dropped_sq / total)) if dropped_sq > 0 else 0.0
+    return Folded(out, error, ranks)
+
+
+def _shape(factors: Factors) -> tuple[int, int]:
+    return factors[0].shape[0], factors[1].shape[1]
+
+
+def residual_tensors(res: Residual) -> TensorDict:
+    """The wire form of a residual: `<layer>.U` and `<layer>.V` (float32), as in base_residual."""
+    return {layer + suffix: np.asarray(factor, np.float32)
+            for layer, (u, v) in res.items() for suffix, factor in ((_U, u), (_V, v))}
+
+
+def residual_from_tensors(t: TensorDict) -> Residual:
+    """Inverse of residual_tensors.
+
+    Raises:
+        ValueError: a name not ending in `.U`/`.V`, a U without its V (or the reverse), or factors
+            that are not 2-d or do not multiply.
+    """
+    out: Residual = {}
+    for name in t:
+        if not name.endswith((_U, _V)) or len(name) <= 2:
+            raise ValueError(f"residual tensor {name!r} is neither <layer>.U nor <layer>.V")
+    for name in sorted(n for n in t if n.endswith(_U)):
+        layer = name[: -len(_U)]
+        if layer + _V not in t:
+            raise ValueError(f"residual factor {name!r} has no {layer + _V!r}")
+        u, v = t[name], t[layer + _V]
+        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
+            raise ValueError(f"residual factors of {layer!r} have shapes {u.shape} and {v.shape}, "
+                             "which do not multiply")
+        out[layer] = (u, v)
+    orphans = sorted(n for n in t if n.endswith(_V) and n[: -len(_V)] not in out)
+    if orphans:
+        raise ValueError(f"residual factors {orphans} have no matching .U")
+    return out
+
+
+def scaled(res: Residual, scaling: Mapping[str, float]) -> Residual:
+    """The residual in weight units: each layer's U multiplied by its LoRA scaling (α/r).
+
+    Raises:
+        ValueError: a layer without a scaling.
+    """
+    missing = sorted(set(res) - set(scaling))
+    if missing:
+        raise ValueError(f"no LoRA scaling for residual layers {missing}")
+    return {layer: ((np.asarray(u, np.float64) * scaling[layer]).astype(np.float32), v)
+            for layer, (u, v) in res.items()}
 
 
 def dense(factors: Factors) -> np.ndarray:

@@ -3,8 +3,8 @@
 Coordinate-wise median and trimmed mean follow Yin et al., "Byzantine-Robust Distributed
 Learning: Towards Optimal Statistical Rates" (ICML 2018, arXiv 1803.01498); norm clipping of the
 update relative to the global follows Sun et al., "Can You Really Backdoor Federated Learning?"
-(arXiv 1911.07963). All are pure functions over named tensors with FedAvg's signature, so they
-slot into `aggregator.strategies.STRATEGIES`.
+(arXiv 1911.07963). All are pure functions over named tensors with FedAvg's signature (the
+trimmed mean once its β is bound, e.g. functools.partial(trimmed_mean, beta=0.2)).
 
 Weights are sample counts that the devices themselves report, so a robust strategy ignores them
 by default: an attacker could otherwise claim a huge count and buy the median. `weighted=True`
@@ -14,14 +14,11 @@ uses them when devices are trusted to report honestly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from aggregator.strategies import Strategy, WeightedAdapter
 from protocol.tensors import TensorDict
-
-if TYPE_CHECKING:  # types only: strategies.py may import this module for its registry
-    from aggregator.strategies import Strategy, WeightedAdapter
 
 
 def _stacked(updates: Sequence[WeightedAdapter]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -81,27 +78,47 @@ def fedmedian(updates: Sequence[WeightedAdapter], *, weighted: bool = False) -> 
     return {k: _weighted_median(s, weights).astype(np.float32) for k, s in stacks.items()}
 
 
-def trimmed_mean(updates: Sequence[WeightedAdapter], beta: float = 0.1, *,
-                 weighted: bool = False) -> TensorDict:
-    """Coordinate-wise β-trimmed mean: drop the ⌊β·n⌋ largest and smallest values, mean the rest.
+def trim_count(beta: float, n: int) -> int:
+    """⌊β·n⌋: how many values the β-trimmed mean drops at each end of n.
 
-    Args:
-        updates: (adapter, sample count) per client.
-        beta: fraction of clients trimmed at each end, in [0, 0.5).
-        weighted: average the kept values by their clients' sample counts.
-
-    Returns:
-        The trimmed-mean adapter, float32. With beta = 0 it is the (weighted) mean.
+    Check a configuration up front with `trim_count(beta, min_clients) >= 1`: below that the
+    trimmed mean would trim nothing and be the plain mean. β·n is rounded to 9 decimals first,
+    so that 0.29·100 (28.999999999999996 in floating point) trims 29, not 28.
 
     Raises:
-        ValueError: beta outside [0, 0.5), no updates, a non-positive weight, or differing
-            tensor names/shapes.
+        ValueError: beta outside [0, 0.5) or n < 1.
     """
     if not 0 <= beta < 0.5:
         raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return int(np.floor(round(beta * n, 9)))
+
+
+def trimmed_mean(updates: Sequence[WeightedAdapter], beta: float, *,
+                 weighted: bool = False) -> TensorDict:
+    """Coordinate-wise β-trimmed mean (Yin et al. 2018): per coordinate, drop the
+    ⌊β·n⌋ largest and ⌊β·n⌋ smallest of the n values and average the rest.
+
+    Args:
+        updates: (adapter, sample count) per client.
+        beta: fraction of clients trimmed at each end, in [0, 0.5); ⌊β·n⌋ must be at least 1.
+        weighted: average the kept values by their clients' sample counts (which values are
+            kept is decided by count, never by weight).
+
+    Returns:
+        The trimmed-mean adapter, float32.
+
+    Raises:
+        ValueError: beta outside [0, 0.5), ⌊β·n⌋ = 0 (nothing would be trimmed), no updates, a
+            non-positive weight, or differing tensor names/shapes.
+    """
     stacks, weights = _stacked(updates)
     n = len(weights)
-    cut = int(np.floor(beta * n))
+    cut = trim_count(beta, n)
+    if cut < 1:
+        raise ValueError(f"trimmed mean with beta={beta} over n={n} updates would trim nothing "
+                         f"(floor(beta*n) = 0): need beta*n >= 1")
     result = {}
     for key, stack in stacks.items():
         order = np.argsort(stack, axis=0)[cut : n - cut]  # indices of the kept values

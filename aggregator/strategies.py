@@ -5,7 +5,8 @@ counts, averaging A and B separately (FedIT-style) -- which is *not* the average
 B·A; the exact-aggregation strategy corrects that with a residual.
 
 Every FedAvg-style strategy is built on WeightedSum, which can be merged, so partial aggregates
-from several gateway workers combine exactly (device -> gateway -> upstream aggregator).
+from several gateway workers combine exactly (device -> gateway -> upstream aggregator). Which
+name selects which family of round aggregators is decided in aggregator/registry.py only.
 """
 
 from __future__ import annotations
@@ -91,13 +92,44 @@ def add(base: TensorDict, change: TensorDict) -> TensorDict:
     return {k: (base[k] + change[k]).astype(np.float32) for k in base}
 
 
-def apply_mean_delta(global_adapter: TensorDict, deltas: WeightedSum,
-                     server_lr: float = 1.0) -> TensorDict:
-    """FedBuff (Nguyen et al., arXiv 2106.06639) server step: global + lr · weighted mean delta."""
-    _check_same_keys(deltas.sums, global_adapter)
-    mean = weighted_mean(deltas)
-    return {k: (global_adapter[k] + server_lr * mean[k]).astype(np.float32)
-            for k in global_adapter}
+def fedbuff_step(global_adapter: TensorDict, buffered: Sequence[tuple[TensorDict, int]],
+                 server_lr: float) -> TensorDict:
+    """FedBuff's server step (Nguyen et al., AISTATS 2022, arXiv 2106.06639, Algorithm 1).
+
+    With K = len(buffered) client deltas Δ_k, each τ_k versions stale:
+
+        x ← x + η_g · (Σ_k s(τ_k)·Δ_k) / K,   s(τ) = 1/sqrt(1 + τ)  (staleness_weight)
+
+    The division is by K, not by Σ_k s(τ_k): a buffer of stale updates moves the global less
+    than a buffer of fresh ones. No sample-count weights, as in the paper. Δ is a device's
+    adapter minus the global it started from, so the step adds it.
+
+    The sum can be streamed: accumulate(acc, Δ_k, staleness_weight(τ_k)) over the buffer gives
+    acc.sums = Σ_k s(τ_k)·Δ_k and acc.count = K.
+
+    Args:
+        global_adapter: the current global x.
+        buffered: (delta, staleness) per buffered client update, staleness ≥ 0.
+        server_lr: η_g > 0.
+
+    Returns:
+        The new global, float32.
+
+    Raises:
+        ValueError: an empty buffer, η_g not a positive finite number, a negative staleness, or
+            tensor names/shapes that differ from the global's.
+    """
+    if not buffered:
+        raise ValueError("fedbuff_step needs at least one buffered update")
+    if not (np.isfinite(server_lr) and server_lr > 0):
+        raise ValueError(f"server_lr must be a positive finite number, got {server_lr}")
+    acc: WeightedSum | None = None
+    for change, staleness in buffered:
+        _check_same_keys(global_adapter, change)
+        acc = accumulate(acc, change, staleness_weight(staleness))
+    assert acc is not None
+    return {k: (global_adapter[k].astype(np.float64) + server_lr * acc.sums[k] / acc.count
+                ).astype(np.float32) for k in global_adapter}
 
 
 def _check_same_keys(a: dict[str, np.ndarray], b: TensorDict) -> None:
@@ -109,30 +141,3 @@ def _check_same_keys(a: dict[str, np.ndarray], b: TensorDict) -> None:
 
 
 Strategy = Callable[[Sequence[WeightedAdapter]], TensorDict]
-STRATEGIES: dict[str, Strategy] = {"fedavg": fedavg}
-
-
-def colora(updates: Sequence[WeightedAdapter]) -> TensorDict:
-    """CoLoRA: FedAvg of the shared tensors only; personal cores never enter the aggregate.
-
-    See aggregator/personal.py (imported here lazily: it builds on fedavg above).
-    """
-    from aggregator.personal import colora as colora_shared
-
-    return colora_shared(updates)
-
-
-# FLORA's aggregation is exactly fedavg; the name is registered so configs can say which paper.
-# Exact (aggregator/exact.py) and FL-TAC (aggregator/clustering.py) are not Strategy functions:
-# one returns a residual besides the adapter, the other one adapter per submission slot.
-STRATEGIES.update({"flora": fedavg, "colora": colora})
-
-
-def _register_robust() -> None:
-    # Imported at the end: robust.py uses this module's types only, so there is no cycle.
-    from aggregator.robust import fedmedian, trimmed_mean
-
-    STRATEGIES.update({"fedmedian": fedmedian, "trimmed_mean": trimmed_mean})
-
-
-_register_robust()

@@ -1,4 +1,11 @@
-"""In-process federation of one global adapter: FedAvg/FLORA or exact (residual) aggregation."""
+"""In-process federation of one global adapter: FedAvg/FLORA or exact (residual) aggregation.
+
+With exact aggregation the server runs the gateway's protocol with aggregator.exact's functions:
+it folds each round's scaled residual into one cumulative residual (`fold`, under the
+`rank_budget` of a global within protocol.codec.MAX_PAYLOAD_BYTES), and every selected device
+receives the whole cumulative residual with the adapter and sets its frozen weights to
+pretrained W0 + U @ V, keeping no state between rounds (like the real devices).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from aggregator.exact import Residual, dense, exact_aggregate, residual_nbytes, residual_since
+from aggregator.exact import (
+    Residual,
+    dense,
+    exact_aggregate,
+    fold,
+    rank_budget,
+    residual_nbytes,
+    scaled,
+)
 from aggregator.strategies import fedavg
 from experiments.data import Features
 from experiments.models import (
@@ -19,6 +34,7 @@ from experiments.models import (
     sgd_optimiser,
     train_steps,
 )
+from protocol.codec import MAX_PAYLOAD_BYTES
 from workloads.lora import get_adapter, set_adapter
 
 AGGREGATIONS = ("fedavg", "exact")
@@ -50,10 +66,12 @@ class Device:
 
 
 class GlobalFederation:
-    """Server + devices sharing one global adapter; with `exact`, residuals fold into W0.
+    """Server + devices sharing one global adapter; with `exact`, a cumulative residual in W0.
 
-    Devices hold their own frozen weights. A device that sat out rounds catches up with the merged
-    residual of the rounds it missed (aggregator.exact.residual_since) before training.
+    The server's cumulative residual is scaled (weight units) and kept at rank ≤ `max_rank`, the
+    rank_budget of the model's LoRA layers with the adapter's bytes reserved. Devices are
+    stateless: each round every selected device sets W0 = pretrained W0 + dense(cumulative)
+    before training, however many rounds it sat out.
     """
 
     def __init__(self, model: nn.Module, config: SimConfig, aggregation: str) -> None:
@@ -64,14 +82,16 @@ class GlobalFederation:
         self.adapter = get_adapter(model)
         self.scaling = {name: s for name, (_, s) in lora_base_layers(model).items()}
         self.pretrained_w0 = base_weights_of(model)
+        self.max_rank = rank_budget({name: w.shape for name, w in self.pretrained_w0.items()},
+                                    adapter_nbytes(self.adapter), MAX_PAYLOAD_BYTES)
+        self.cumulative: Residual = {}  # scaled: devices add U @ V to W0 as it is
         self.server_w0 = self.pretrained_w0
-        self.device_w0: dict[int, dict[str, np.ndarray]] = {}
-        self.synced: dict[int, int] = {}
-        self.log: dict[int, Residual] = {}
+        self.device_w0: dict[int, dict[str, np.ndarray]] = {}  # the W0 each device last set
         self.version = 0
         self.bytes_up: list[int] = []
         self.bytes_down: list[int] = []
         self.residual_ratio: list[float] = []  # ‖R‖_F / ‖B̄Ā‖_F per round, over all LoRA layers
+        self.truncation_error: list[float] = []  # fold's relative error per round (0: exact)
 
     def round(
         self, devices: Sequence[Device], rng: np.random.Generator,
@@ -96,9 +116,11 @@ class GlobalFederation:
         self.version += 1
         if self.exact:
             self.adapter, res = exact_aggregate(updates)
-            self.log[self.version] = res
             self.residual_ratio.append(_residual_ratio(self.adapter, res))
-            self.server_w0 = self._fold(self.server_w0, res)
+            folded = fold(self.cumulative, scaled(res, self.scaling), self.max_rank)
+            self.cumulative = folded.residual
+            self.truncation_error.append(folded.truncation_error)
+            self.server_w0 = self._with_residual(self.cumulative)
         else:
             self.adapter = fedavg(updates)
         self.bytes_up.append(up)
@@ -112,20 +134,17 @@ class GlobalFederation:
         return self.model
 
     def _catch_up(self, index: int) -> int:
-        """Bring a device's W0 level with the server; return the bytes of residual it received."""
-        if index not in self.device_w0:  # a new device starts from the pretrained weights
-            self.device_w0[index] = {name: w.copy() for name, w in self.pretrained_w0.items()}
-            self.synced[index] = 0
-        if self.synced[index] == self.version:
-            return 0
-        res = residual_since(self.log, self.synced[index], self.version)
-        self.device_w0[index] = self._fold(self.device_w0[index], res)
-        self.synced[index] = self.version
-        return residual_nbytes(res)
+        """A device receives the current global's residual and sets its W0 from it.
 
-    def _fold(self, weights: dict[str, np.ndarray], res: Residual) -> dict[str, np.ndarray]:
-        return {name: w + self.scaling[name] * dense(res[name]) if name in res else w.copy()
-                for name, w in weights.items()}
+        Returns the bytes of residual factors it received (the whole cumulative residual).
+        """
+        self.device_w0[index] = self._with_residual(self.cumulative)
+        return residual_nbytes(self.cumulative)
+
+    def _with_residual(self, res: Residual) -> dict[str, np.ndarray]:
+        """Pretrained W0 + U @ V per LoRA layer (the residual is already scaled)."""
+        return {name: w + dense(res[name]) if name in res else w.copy()
+                for name, w in self.pretrained_w0.items()}
 
 
 def _residual_ratio(adapter: dict[str, np.ndarray], res: Residual) -> float:

@@ -42,6 +42,10 @@ class DecodeError(ValueError):
     """Bytes that are not a valid message of the expected kind and schema."""
 
 
+class PayloadTooLarge(ValueError):
+    """An encoded message over MAX_PAYLOAD_BYTES: devices would reject it (see _unpack)."""
+
+
 def _pack(kind: str, header: dict[str, Any], tensors: TensorDict) -> bytes:
     metadata = {"schema": str(SCHEMA_VERSION), "kind": kind, "header": json.dumps(header)}
     # safetensors wants C-contiguous arrays (a no-op when they already are); not
@@ -154,8 +158,22 @@ def encode_global(message: GlobalModel) -> bytes:
     if message.task_classes is not None:
         header["task_index"] = message.task_index
         header["task_classes"] = list(message.task_classes)
-    return _pack("global", header, join_global_tensors(
+    payload = _pack("global", header, join_global_tensors(
         message.adapter, message.base_residual, message.clusters))
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        residual = message.base_residual
+        rank = max((np.shape(v)[-1] for k, v in residual.items() if k.endswith(".U")), default=0)
+        raise PayloadTooLarge(
+            f"global of round {message.round} encodes to {len(payload)} bytes, over the "
+            f"{MAX_PAYLOAD_BYTES}-byte limit; it carries {_nbytes(message.adapter)} bytes of "
+            f"adapter ({len(message.adapter)} tensors), {_nbytes(residual)} of base_residual "
+            f"({len(residual)} factors, rank up to {rank}) and "
+            f"{sum(_nbytes(c) for c in message.clusters)} of clusters ({len(message.clusters)})")
+    return payload
+
+
+def _nbytes(tensors: TensorDict) -> int:
+    return sum(np.asarray(v).nbytes for v in tensors.values())
 
 
 def join_global_tensors(adapter: TensorDict, base_residual: TensorDict,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,34 @@ class Manifest:
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+    def lora_scaling(self, layer: str) -> float:
+        """The LoRA scaling of one layer (canonical prefix, "fc1"): α/r, as peft computes it.
+
+        Per-layer overrides in `lora["rank_pattern"]` / `lora["alpha_pattern"]` (peft's dicts,
+        keyed by a module name or a suffix of it, regular expressions allowed) are matched as
+        peft matches them: the first key K with `layer` matching `(.*\\.)?(K)$`. With
+        `lora["use_rslora"]` the scaling is α/√r, as in peft.
+
+        Raises:
+            ValueError: `lora` lacks r or alpha, or the layer's r is not positive.
+        """
+        if "r" not in self.lora or "alpha" not in self.lora:
+            raise ValueError(f"the manifest's lora settings lack r or alpha: {self.lora}")
+
+        def lookup(pattern_name: str, default: Any) -> Any:  # peft's get_pattern_key
+            for key, value in (self.lora.get(pattern_name) or {}).items():
+                if re.match(rf"(.*\.)?({key})$", layer):
+                    return value
+            return default
+
+        rank = lookup("rank_pattern", self.lora["r"])
+        alpha = lookup("alpha_pattern", self.lora["alpha"])
+        if not float(rank) > 0:
+            raise ValueError(f"LoRA rank of layer {layer!r} must be positive, got {rank}")
+        if self.lora.get("use_rslora"):
+            return float(alpha) / math.sqrt(float(rank))
+        return float(alpha) / float(rank)
 
     def check_adapter(self, tensors: TensorDict, shared_only: bool = False) -> None:
         """Raise ValueError if the tensors do not match the manifest's names, shapes and dtypes.

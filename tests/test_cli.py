@@ -7,7 +7,7 @@ import math
 import pytest
 
 from edgefl.cli import _federation_config, build_parser, dp_report, task_schedule
-from edgefl.privacy_accounting import epsilon
+from aggregator.accounting import epsilon
 
 
 def _aggregator_args(*extra: str):  # noqa: ANN202
@@ -16,11 +16,10 @@ def _aggregator_args(*extra: str):  # noqa: ANN202
 
 
 def test_dp_federation_reports_epsilon_of_its_whole_run() -> None:
-    args = _aggregator_args("--strategy", "dp-fedavg", "--clip-norm", "1.0", "--dp-noise", "1.1",
-                            "--dp-population", "100")
+    args = _aggregator_args("--strategy", "dp-fedavg", "--clip-norm", "1.0", "--dp-noise", "1.1")
     line = dp_report(args)
     assert line is not None
-    expected = epsilon(1.1, 0.1, 20, 1e-5)
+    expected = epsilon(1.1, 20, 1e-5)
     assert f"ε = {expected:.2f}" in line and "δ = 1e-05" in line
     assert 0 < expected < math.inf
 

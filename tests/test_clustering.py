@@ -90,10 +90,42 @@ def test_bad_arguments_raise() -> None:
         fltac(updates, 2, seed=0, reference=[updates[0][0]])
 
 
-def test_cluster_agreement_is_permutation_invariant() -> None:
-    truth = np.array([0, 0, 1, 1, 2])
-    assert cluster_agreement(np.array([2, 2, 0, 0, 1]), truth) == 1.0
-    assert cluster_agreement(np.array([0, 1, 1, 1, 2]), truth) == pytest.approx(0.8)
+def test_fltac_hand_example_two_obvious_groups() -> None:
+    # Four slots, one tensor; slots 0, 1 sit near the origin, slots 2, 3 near (10, 10).
+    # Within-cluster FedAvg weighted by samples (FL-TAC's per-cluster aggregation):
+    #   {0, 1}: (1·[0, 0] + 3·[1, 2]) / (1 + 3)  = [3, 6] / 4   = [0.75, 1.5]
+    #   {2, 3}: (2·[10, 10] + 2·[12, 16]) / (2 + 2) = [44, 52] / 4 = [11, 13]
+    updates = [({"x": np.array(v, np.float32)}, w)
+               for v, w in (([0.0, 0.0], 1.0), ([1.0, 2.0], 3.0),
+                            ([10.0, 10.0], 2.0), ([12.0, 16.0], 2.0))]
+    result = fltac(updates, num_clusters=2, seed=0)
+    labels = result.labels.tolist()
+    assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
+    assert sorted(set(labels)) == [0, 1]
+    for slot, expected in ((0, [0.75, 1.5]), (1, [0.75, 1.5]), (2, [11.0, 13.0]),
+                           (3, [11.0, 13.0])):
+        np.testing.assert_array_equal(result.adapters[slot]["x"], expected)
+
+
+@pytest.mark.parametrize(("labels", "truth", "agreement"), [
+    # the same partition under other cluster numbers: 4 of 4
+    ([0, 0, 1, 1], [1, 1, 0, 0], 1.0),
+    # crossing partitions: either mapping matches slots {0, 3} or {1, 2}, 2 of 4
+    ([0, 1, 0, 1], [0, 0, 1, 1], 0.5),
+    # one slot misplaced: mapping 0→0, 1→1 matches 3 of 4
+    ([0, 0, 0, 1], [0, 0, 1, 1], 0.75),
+    # three groups, renumbered: 5 of 5
+    ([2, 2, 0, 0, 1], [0, 0, 1, 1, 2], 1.0),
+    # cluster 1 holds tasks 0 and 1: best is 0→0, 1→1, 2→2 = 1 + 2 + 1 = 4 of 5
+    ([0, 1, 1, 1, 2], [0, 0, 1, 1, 2], 0.8),
+    # more clusters than tasks: 0→0 (1 slot), 2→1 (2 slots), cluster 1 unmatched: 3 of 4
+    ([0, 1, 2, 2], [0, 0, 1, 1], 0.75),
+    # everything in one cluster over two equal tasks: it can match one task, 2 of 4
+    ([0, 0, 0, 0], [0, 0, 1, 1], 0.5),
+])
+def test_cluster_agreement_hand_examples(labels: list[int], truth: list[int],
+                                         agreement: float) -> None:
+    assert cluster_agreement(np.array(labels), np.array(truth)) == agreement
 
 
 def test_carry_assignment_follows_the_group_not_the_cluster_number() -> None:

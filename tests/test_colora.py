@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from aggregator.personal import colora, is_personal, shared_part
-from aggregator.strategies import STRATEGIES, fedavg
-from tests.conftest import make_adapter
 from workloads.cnn import LORA_ALPHA, LORA_RANK, FmnistCnn
 from workloads.colora import (
     CoLoraLinear,
@@ -23,9 +21,6 @@ from workloads.colora import (
 )
 from workloads.lora import get_adapter
 
-SHAPES = {"fc1.lora_A.weight": (4, 6), "fc1.lora_S.weight": (4, 4), "fc1.lora_B.weight": (5, 4),
-          "head.weight": (3, 5)}
-
 
 @pytest.fixture(scope="module")
 def base_weights() -> Path:
@@ -33,17 +28,38 @@ def base_weights() -> Path:
 
 
 def test_aggregate_holds_no_personal_keys_and_averages_the_shared_ones() -> None:
-    # Prepare: devices that forgot to filter still never leak a core into the aggregate
-    updates = [(make_adapter(s, SHAPES), float(s)) for s in (1, 2, 3)]
-    # Execute
-    result = colora(updates)
-    # Assert
-    assert not any(is_personal(k) for k in result)
-    assert set(result) == set(SHAPES) - {"fc1.lora_S.weight"}
-    expected = fedavg([(shared_part(a), w) for a, w in updates])
-    for key, value in expected.items():
-        np.testing.assert_array_equal(result[key], value)
-    assert STRATEGIES["colora"](updates).keys() == result.keys()
+    # Two devices that forgot to filter: each sends its personal core S_i along with the shared
+    # A (1×2), B (2×1) and head bias. The cores even differ in shape (a full 1×1 core and a
+    # diagonal one), which FedAvg would reject if they were ever aggregated.
+    device1 = {"fc1.lora_A.weight": np.array([[1.0, 3.0]], np.float32),
+               "fc1.lora_S.weight": np.array([[1e6]], np.float32),
+               "fc1.lora_B.weight": np.array([[2.0], [0.0]], np.float32),
+               "head.bias": np.array([4.0], np.float32)}
+    device2 = {"fc1.lora_A.weight": np.array([[5.0, -1.0]], np.float32),
+               "fc1.lora_S.weight": np.array([-7.0], np.float32),
+               "fc1.lora_B.weight": np.array([[0.0], [4.0]], np.float32),
+               "head.bias": np.array([8.0], np.float32)}
+    # Shared tensors, weighted by samples 1 and 3 (Σ = 4):
+    #   A    = (1·[1, 3] + 3·[5, -1]) / 4 = [16, 0] / 4 = [4, 0]
+    #   B    = (1·[2, 0] + 3·[0, 4]) / 4  = [2, 12] / 4 = [0.5, 3]
+    #   bias = (1·4 + 3·8) / 4             = 28 / 4     = 7
+    result = colora([(device1, 1.0), (device2, 3.0)])
+    assert set(result) == {"fc1.lora_A.weight", "fc1.lora_B.weight", "head.bias"}
+    np.testing.assert_array_equal(result["fc1.lora_A.weight"], [[4.0, 0.0]])
+    np.testing.assert_array_equal(result["fc1.lora_B.weight"], [[0.5], [3.0]])
+    np.testing.assert_array_equal(result["head.bias"], [7.0])
+    # The uploads themselves are left as they were.
+    assert set(device1) == {"fc1.lora_A.weight", "fc1.lora_S.weight", "fc1.lora_B.weight",
+                            "head.bias"}
+
+
+def test_shared_part_drops_only_personal_keys() -> None:
+    adapter = {"fc1.lora_A.weight": np.ones((1, 2), np.float32),
+               "fc1.lora_S.weight": np.ones((1, 1), np.float32),
+               "fc2.lora_S.weight": np.ones(1, np.float32),
+               "head.weight": np.ones((3, 5), np.float32)}
+    assert set(shared_part(adapter)) == {"fc1.lora_A.weight", "head.weight"}
+    assert set(shared_part(adapter, personal=("lora_S", "head"))) == {"fc1.lora_A.weight"}
 
 
 def test_personal_filter_matches_path_segments_only() -> None:

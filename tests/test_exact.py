@@ -1,4 +1,4 @@
-"""Exact (FedEx-LoRA residual) aggregation: exactness, low rank, catch-up over skipped rounds."""
+"""Exact (FedEx-LoRA residual) aggregation: exactness, low rank, one cumulative residual."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from aggregator.exact import (
     compact,
     dense,
     exact_aggregate,
+    fold,
     lora_layers,
     merge_residuals,
     residual,
     residual_nbytes,
-    residual_since,
 )
 from aggregator.strategies import fedavg
 
@@ -37,7 +37,7 @@ def model_weights(w0: dict, adapter: dict) -> dict[str, np.ndarray]:
             @ adapter[f"{n}.lora_A.weight"] for n in LAYERS}
 
 
-def fold(w0: dict[str, np.ndarray], res: dict) -> dict[str, np.ndarray]:
+def fold_into(w0: dict[str, np.ndarray], res: dict) -> dict[str, np.ndarray]:
     return {n: w0[n] + SCALE * dense(res[n]) if n in res else w0[n] for n in LAYERS}
 
 
@@ -49,7 +49,7 @@ def test_exact_aggregation_equals_weighted_mean_of_client_models() -> None:
     # Execute
     adapter, res = exact_aggregate(updates)
     # Assert: W0 + s·R + s·B̄Ā = Σ p_k (W0 + s·B_k A_k)
-    got = model_weights(fold(w0, res), adapter)
+    got = model_weights(fold_into(w0, res), adapter)
     weights = np.array([w for _, w in updates])
     for n in LAYERS:
         expected = np.average(np.stack([model_weights(w0, u)[n] for u, _ in updates]), axis=0,
@@ -93,25 +93,25 @@ def test_one_update_or_identical_updates_have_zero_rank_residual() -> None:
             assert u.shape[1] == v.shape[0] == 0
 
 
-def test_catch_up_after_skipped_rounds_equals_the_server_weights() -> None:
-    # Prepare: 4 rounds; the server folds every residual, a device syncs only after rounds 1 and 4.
+def test_cumulative_residual_brings_a_device_that_skipped_rounds_level_with_the_server() -> None:
+    # Prepare: 4 rounds; the server folds every residual into its weights, and keeps the
+    # cumulative residual that each global carries.
     rng = np.random.default_rng(1)
     w0 = {n: rng.normal(size=shape) for n, shape in LAYERS.items()}
-    server, log = dict(w0), {}
-    device = None
+    server, cumulative = dict(w0), {}
     for t in range(1, 5):
         updates = [(make_lora(10 * t + k), float(k + 1)) for k in range(3)]
-        _, log[t] = exact_aggregate(updates)
-        server = fold(server, log[t])
-        if t == 1:
-            device = fold(w0, residual_since(log, 0, 1))
-    # Execute: the device missed rounds 2-4 and applies one merged residual
-    assert device is not None
-    caught_up = fold(device, residual_since(log, 1, 4))
+        _, res = exact_aggregate(updates)
+        server = fold_into(server, res)
+        # a rank budget at every layer's full rank: nothing is ever truncated
+        folded = fold(cumulative, res, max_rank=max(min(s) for s in LAYERS.values()))
+        assert folded.truncation_error == 0.0
+        cumulative = folded.residual
+    # Execute: a stateless device that sat out every round applies the cumulative residual once
+    device = fold_into(w0, cumulative)
     # Assert
     for n in LAYERS:
-        np.testing.assert_allclose(caught_up[n], server[n], atol=1e-5)
-    assert residual_since(log, 4, 4) == {}
+        np.testing.assert_allclose(device[n], server[n], atol=1e-5)
 
 
 def test_merge_compacts_beyond_the_dense_rank() -> None:
@@ -145,5 +145,3 @@ def test_inputs_without_lora_or_empty_raise() -> None:
         residual([])
     with pytest.raises(ValueError, match="lora_A"):
         residual([({"head.weight": np.ones((2, 2), np.float32)}, 1.0)])
-    with pytest.raises(ValueError, match="past"):
-        residual_since({}, 3, 1)

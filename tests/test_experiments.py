@@ -102,7 +102,9 @@ def test_quick_run_writes_a_sane_table(tmp_path: Path) -> None:
     incremental = summary["incremental"]
     assert incremental["FedAvg + logit mask"]["forgetting"] < incremental["FedAvg"]["forgetting"]
     multitask = summary["multitask"]
-    assert multitask["FL-TAC (K = 2 clusters)"]["cluster_agreement"] >= 0.5
+    # two tasks, K = 2: every device with its own task (best matching), not the ≥ 0.5 any
+    # two-cluster labelling gets for free
+    assert multitask["FL-TAC (K = 2 clusters)"]["cluster_agreement"] == 1.0
     assert (multitask["CoLoRA + personal head"]["bytes_up"]
             < multitask["FedAvg (one shared adapter)"]["bytes_up"])
 
