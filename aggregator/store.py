@@ -1,8 +1,9 @@
-"""Durable aggregator state in SQLite (WAL): globals, the open round's running sum, accepted ids.
+"""Durable aggregator state in SQLite (WAL): globals, the open round's state, accepted ids.
 
-Each accepted update is committed in one transaction (its id, device and the new running sum)
-before its MQTT delivery is acknowledged, so after a crash at any point the broker redelivers
-exactly the updates that are not yet counted, and the id table drops any it sees again.
+Each accepted update is committed in one transaction (its id, slot, what its round aggregator
+keeps of it, and the aggregator's new snapshot) before its MQTT delivery is acknowledged, so
+after a crash at any point the broker redelivers exactly the updates that are not yet counted,
+and the id table drops any it sees again.
 """
 
 from __future__ import annotations
@@ -16,34 +17,46 @@ import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from aggregator.strategies import WeightedSum
+from aggregator.rounds import Kept
 from protocol.tensors import TensorDict
 
 DB_FILE = "aggregator.sqlite"
+# Bumped when the tables change; a state folder of another version is refused, not misread.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS globals (
     round INTEGER PRIMARY KEY, adapter BLOB NOT NULL, info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS open_round (
-    id INTEGER PRIMARY KEY CHECK (id = 0), round INTEGER NOT NULL, sums BLOB, weight REAL,
-    count INTEGER, metric_sums TEXT NOT NULL, bytes INTEGER NOT NULL);
+    id INTEGER PRIMARY KEY CHECK (id = 0), round INTEGER NOT NULL, snapshot BLOB,
+    weight REAL NOT NULL, metric_sums TEXT NOT NULL, bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS accepted (
     update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, device_id TEXT NOT NULL, -- or slot
-    num_samples INTEGER NOT NULL, weight REAL NOT NULL, adapter BLOB);
+    num_samples INTEGER NOT NULL, weight REAL NOT NULL, staleness INTEGER NOT NULL,
+    adapter BLOB);
 """
 
 
 @dataclass
 class OpenRound:
-    """The round being collected: its running weighted sum and who has reported."""
+    """The round being collected: who reported, and the totals the coordinator keeps."""
 
     round: int
-    sums: WeightedSum | None = None
+    weight: float = 0.0  # sum of the accepted updates' aggregation weights
     metric_sums: dict[str, float] = field(default_factory=dict)
     bytes: int = 0
-    reported: dict[str, str] = field(default_factory=dict)  # device id -> update id
-    # Strategies that need every update (median, trimmed mean, DP) keep them, not a sum.
-    buffer: list[tuple[TensorDict, float]] = field(default_factory=list)
+    reported: dict[str, str] = field(default_factory=dict)  # slot -> update id
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """One accepted update as the store records it."""
+
+    update_id: str
+    slot: str
+    num_samples: int
+    weight: float
+    staleness: int
 
 
 class GlobalStore:
@@ -56,7 +69,15 @@ class GlobalStore:
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed update survives power loss
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        tables = self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+        if tables and version != SCHEMA_VERSION:
+            self.db.close()
+            raise ValueError(f"{self.folder / DB_FILE} was written by another edgefl version "
+                             f"(schema {version}, this one reads {SCHEMA_VERSION}): move it away "
+                             "or use another --state-dir")
         self.db.executescript(_SCHEMA)
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the database."""
@@ -64,19 +85,16 @@ class GlobalStore:
 
     # -- globals ---------------------------------------------------------------------------
     def save(self, round_number: int, adapter: TensorDict, info: dict[str, object]) -> None:
-        """Persist the global adapter that opens `round_number` and start that round empty."""
+        """Persist the global state that opens `round_number` and start that round empty."""
         with self._transaction():
-            self._save_global(round_number, adapter, info)
-
-    def _save_global(self, round_number: int, adapter: TensorDict,
-                     info: dict[str, object]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
-                        (round_number, save_tensors(adapter), json.dumps(info)))
-        self.db.execute("INSERT OR REPLACE INTO open_round VALUES (0, ?, NULL, 0, 0, '{}', 0)",
-                        (round_number,))
+            self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
+                            (round_number, save_tensors(adapter), json.dumps(info)))
+            self.db.execute(
+                "INSERT OR REPLACE INTO open_round VALUES (0, ?, NULL, 0, '{}', 0)",
+                (round_number,))
 
     def latest(self) -> tuple[int, TensorDict, dict[str, object]] | None:
-        """(round, adapter, info) of the newest global, or None for a fresh store."""
+        """(round, tensors, info) of the newest global, or None for a fresh store."""
         row = self.db.execute(
             "SELECT round, adapter, info FROM globals ORDER BY round DESC LIMIT 1").fetchone()
         if row is None:
@@ -84,60 +102,58 @@ class GlobalStore:
         return int(row[0]), load_tensors(row[1]), json.loads(row[2])
 
     def global_at(self, round_number: int) -> TensorDict | None:
-        """The global adapter that opened `round_number`, if stored."""
+        """The global tensors that opened `round_number`, if stored."""
         row = self.db.execute("SELECT adapter FROM globals WHERE round = ?",
                               (round_number,)).fetchone()
         return None if row is None else load_tensors(row[0])
 
     def history(self) -> list[int]:
-        """Rounds whose global adapter is stored."""
+        """Rounds whose global is stored."""
         return [r for (r,) in self.db.execute("SELECT round FROM globals ORDER BY round")]
 
     # -- the open round --------------------------------------------------------------------
-    def open_round(self) -> OpenRound | None:
-        """The round being collected, with everything accepted so far."""
-        row = self.db.execute("SELECT round, sums, weight, count, metric_sums, bytes "
+    def open_round(self) -> tuple[OpenRound, TensorDict, list[Kept]] | None:
+        """The round being collected: its totals, its aggregator's last snapshot, and what
+        was kept per update (in acceptance order)."""
+        row = self.db.execute("SELECT round, snapshot, weight, metric_sums, bytes "
                               "FROM open_round WHERE id = 0").fetchone()
         if row is None:
             return None
-        round_number, sums, weight, count, metric_sums, nbytes = row
-        acc = None if sums is None else WeightedSum(load_tensors(sums), float(weight), int(count))
+        round_number, snapshot, weight, metric_sums, nbytes = row
         rows = self.db.execute(
-            "SELECT device_id, update_id, weight, adapter FROM accepted WHERE round = ? "
-            "ORDER BY rowid", (round_number,)).fetchall()
-        reported = {device: update for device, update, _, _ in rows}
-        buffer = [(load_tensors(blob), float(w)) for _, _, w, blob in rows if blob is not None]
-        return OpenRound(int(round_number), acc, json.loads(metric_sums), int(nbytes), reported,
-                         buffer)
+            "SELECT device_id, update_id, weight, staleness, adapter FROM accepted "
+            "WHERE round = ? ORDER BY rowid", (round_number,)).fetchall()
+        reported = {slot: update for slot, update, _, _, _ in rows}
+        kept = [Kept(slot, float(w), int(s), load_tensors(blob))
+                for slot, _, w, s, blob in rows if blob is not None]
+        state = OpenRound(int(round_number), float(weight), json.loads(metric_sums), int(nbytes),
+                          reported)
+        return state, ({} if snapshot is None else load_tensors(snapshot)), kept
 
-    def accept(self, update_id: str, device_id: str, num_samples: int, weight: float,
-               state: OpenRound, adapter: TensorDict | None = None) -> None:
-        """Atomically record one accepted update and the round's new running sum.
-
-        `adapter` is stored only for strategies that aggregate the whole round at once.
-        """
-        sums = None if state.sums is None else save_tensors(
-            {k: np.ascontiguousarray(v) for k, v in state.sums.sums.items()})
-        blob = None if adapter is None else save_tensors(adapter)
+    def accept(self, update: Accepted, state: OpenRound, snapshot: TensorDict,
+               kept: TensorDict | None) -> None:
+        """Atomically record one accepted update, the round's totals and its aggregator's
+        snapshot; `kept` is what the aggregator asked to keep for this update, if anything."""
+        blob = None if kept is None else save_tensors(
+            {k: np.ascontiguousarray(v) for k, v in kept.items()})
+        snap = save_tensors({k: np.ascontiguousarray(v) for k, v in snapshot.items()}) \
+            if snapshot else None
         with self._transaction():
-            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?)",
-                            (update_id, state.round, device_id, num_samples, weight, blob))
+            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (update.update_id, state.round, update.slot, update.num_samples,
+                             update.weight, update.staleness, blob))
             self.db.execute(
-                "UPDATE open_round SET sums = ?, weight = ?, count = ?, metric_sums = ?, "
-                "bytes = ? WHERE id = 0",
-                (sums, None if state.sums is None else state.sums.weight,
-                 None if state.sums is None else state.sums.count,
-                 json.dumps(state.metric_sums), state.bytes),
-            )
+                "UPDATE open_round SET snapshot = ?, weight = ?, metric_sums = ?, bytes = ? "
+                "WHERE id = 0", (snap, state.weight, json.dumps(state.metric_sums), state.bytes))
 
     def accepted_adapters(self, round_number: int) -> list[tuple[TensorDict, float]]:
-        """(adapter, weight) of the updates kept for `round_number` (non-streaming strategies)."""
+        """(tensors, weight) of the updates kept for `round_number` (buffered strategies)."""
         rows = self.db.execute("SELECT adapter, weight FROM accepted WHERE round = ? AND "
                                "adapter IS NOT NULL ORDER BY rowid", (round_number,))
         return [(load_tensors(blob), float(weight)) for blob, weight in rows]
 
     def accepted_by_slot(self, round_number: int) -> dict[str, tuple[TensorDict, float]]:
-        """Slot (device id, or device/task for FL-TAC) -> (adapter, weight) of kept updates."""
+        """Slot (device id, or device/task for FL-TAC) -> (tensors, weight) of kept updates."""
         rows = self.db.execute("SELECT device_id, adapter, weight FROM accepted WHERE round = ? "
                                "AND adapter IS NOT NULL ORDER BY rowid", (round_number,))
         return {slot: (load_tensors(blob), float(weight)) for slot, blob, weight in rows}

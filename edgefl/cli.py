@@ -52,18 +52,15 @@ def _gateway_connection(args: argparse.Namespace, identity: str) -> dict:
 
 def dp_report(args: argparse.Namespace) -> str | None:
     """The (ε, δ) a dp-fedavg federation will have spent after all its rounds, as a line."""
-    if args.strategy != "dp-fedavg":
+    if args.strategy != "dp-fedavg" or not args.dp_noise or args.dp_noise <= 0:
         return None
-    population = args.dp_population or args.clients_per_round
-    sample_rate = min(1.0, args.clients_per_round / population)
-    try:
-        from edgefl.privacy_accounting import epsilon
+    from aggregator.accounting import epsilon
 
-        eps = epsilon(args.dp_noise, sample_rate, args.rounds, args.dp_delta)
-    except ImportError as exc:  # Opacus needs torch, which the gateway image leaves out
-        return f"client-level DP: ε not computed here ({exc}); run `edgefl` with the device extras"
+    eps = epsilon(args.dp_noise, args.rounds, args.dp_delta)
+    budget = "" if args.dp_max_epsilon is None else f"; stops at ε = {args.dp_max_epsilon:g}"
     return (f"client-level DP: ε = {eps:.2f} at δ = {args.dp_delta:g} after {args.rounds} rounds "
-            f"(noise multiplier {args.dp_noise}, sample rate {sample_rate:.3g}, RDP accountant)")
+            f"(noise multiplier {args.dp_noise}, every reporting device counted: no sampling "
+            f"amplification{budget})")
 
 
 def task_schedule(args: argparse.Namespace) -> tuple[tuple[int, ...], ...]:
@@ -105,6 +102,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from safetensors.numpy import load_file
 
     from aggregator.coordinator import AggregatorConfig, Coordinator
+    from aggregator.registry import make_family
     from aggregator.store import GlobalStore
     from protocol.manifest import load_manifest
     from protocol.messages import TrainConfig
@@ -117,9 +115,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         min_clients=args.min_clients, round_deadline_s=args.deadline,
         train=TrainConfig(args.local_steps, args.lr, args.update_encoding, args.update_topk),
         strategy=args.strategy, mode=args.mode, max_staleness=args.max_staleness,
-        clip_norm=args.clip_norm, dp_noise_multiplier=args.dp_noise,
-        num_clusters=args.clusters, task_schedule=task_schedule(args),
-        rounds_per_task=args.rounds_per_task,
+        clip_norm=args.clip_norm, dp_noise_multiplier=args.dp_noise, dp_delta=args.dp_delta,
+        dp_max_epsilon=args.dp_max_epsilon, trim_beta=args.trim_beta,
+        max_samples=args.max_samples, num_clusters=args.clusters,
+        task_schedule=task_schedule(args), rounds_per_task=args.rounds_per_task,
     )
     secure = _gateway_connection(args, AGGREGATOR_ID)
     registry = None
@@ -131,8 +130,12 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     # but not yet committed when it died, are delivered again when it comes back.
     transport = MqttTransport(secure["host"], secure["port"], f"aggregator-{args.federation}",
                               persistent_session=True, manual_ack=True, tls=secure["tls"])
-    transport.start()
     manifest = load_manifest(artifacts)
+    try:
+        make_family(config, manifest)  # refuse a broken combination before connecting
+    except ValueError as exc:
+        raise SystemExit(f"edgefl: {exc}") from exc
+    transport.start()
     coordinator = Coordinator(config, manifest,
                               load_file(str(artifacts / manifest.files["adapter_init"])), transport,
                               GlobalStore(Path(args.state_dir) / args.federation),
@@ -144,14 +147,13 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     if args.status_port is not None:
         from aggregator.status import StatusServer
 
-        status = StatusServer(coordinator, args.status_host, args.status_port)
-        status.attach()
+        status = StatusServer(coordinator.snapshot, args.status_host, args.status_port)
         status.start()
         print(f"status page: {status.url}", flush=True)
     try:
         for record in coordinator.run():
             # FL-TAC counts task slots (a multi-task device sends one update per task)
-            unit = "task slots" if config.strategy == "fltac" else "devices"
+            unit = "task slots" if coordinator.family.task_slots else "devices"
             print(f"round {record.round}: {len(record.devices)} {unit}, {record.samples} samples,"
                   f" metrics {record.metrics}")
     finally:
@@ -231,8 +233,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
-    from aggregator.coordinator import SPECIAL_STRATEGIES
-    from aggregator.strategies import STRATEGIES
+    from aggregator.registry import STRATEGY_NAMES
+    from aggregator.config import DEFAULT_MAX_SAMPLES
     from edge_client.trainer import BACKENDS
     from edgefl.gateway import add_gateway_parser
     from protocol.quant import ENCODINGS
@@ -277,17 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--strategy", default="fedavg",
-                   choices=sorted((*STRATEGIES, *SPECIAL_STRATEGIES)))
+                   choices=STRATEGY_NAMES)
     p.add_argument("--update-encoding", choices=ENCODINGS, default="fp32",
                    help="how devices encode updates (compact ones send deltas)")
     p.add_argument("--update-topk", type=float, help="send only this fraction of entries")
     p.add_argument("--clip-norm", type=float, help="clip each update's change to this L2 norm")
     p.add_argument("--dp-noise", type=float,
                    help="dp-fedavg: Gaussian noise multiplier (with --clip-norm)")
-    p.add_argument("--dp-population", type=int,
-                   help="dp-fedavg: devices in the fleet, for the sampling rate of the ε "
-                        "accountant (default: --clients-per-round, i.e. everyone every round)")
     p.add_argument("--dp-delta", type=float, default=1e-5, help="dp-fedavg: δ of (ε, δ)-DP")
+    p.add_argument("--dp-max-epsilon", type=float,
+                   help="dp-fedavg: stop the federation before a round would spend more ε")
+    p.add_argument("--trim-beta", type=float, default=0.2,
+                   help="trimmed_mean: fraction trimmed at each end (β·min-clients must be ≥ 1)")
+    p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES,
+                   help="cap on the sample count one update is weighted by")
     p.add_argument("--status-port", type=int,
                    help="serve the status page, /api/status, /metrics and /healthz on this port")
     p.add_argument("--status-host", default="127.0.0.1",
@@ -330,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how devices encode updates (compact ones send deltas)")
         p.add_argument("--update-topk", type=float, help="send only this fraction of entries")
         p.add_argument("--strategy", default="fedavg",
-                       choices=sorted((*STRATEGIES, *SPECIAL_STRATEGIES)))
+                       choices=STRATEGY_NAMES)
         p.add_argument("--dropout", type=float, default=0.0,
                        help="chance a device sits a round out")
         p.add_argument("--connection-loss", type=float, default=0.0,

@@ -20,13 +20,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from safetensors.numpy import load_file
 
-from aggregator.coordinator import (
-    FLTAC_STRATEGY,
-    RESIDUAL_STRATEGIES,
-    AggregatorConfig,
-    Coordinator,
-    RoundRecord,
-)
+from aggregator.coordinator import AggregatorConfig, Coordinator, RoundRecord
+from aggregator.registry import RESIDUAL_STRATEGIES, STRATEGY_NAMES
 from aggregator.store import GlobalStore
 from edge_client.fleet import (
     DEVICES_PER_PROCESS,
@@ -46,6 +41,8 @@ from transport.mqtt import MqttTransport
 from workloads import fmnist
 
 logger = logging.getLogger(__name__)
+
+FLTAC_STRATEGY = "fltac"  # its fleets hold two tasks per device, scored per task slot
 
 FLEET_WORKLOADS = ("fmnist-cnn", "fmnist-fedsq", "fmnist-colora")  # fleets hold Fashion-MNIST shares
 
@@ -80,6 +77,9 @@ class FederationConfig:
         AggregatorConfig(rounds=self.rounds, strategy=self.strategy, mode=self.mode,
                          num_clusters=self.num_clusters, task_schedule=self.task_schedule,
                          rounds_per_task=self.rounds_per_task)
+        if self.strategy not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from "
+                             f"{', '.join(STRATEGY_NAMES)}")
         if self.strategy == FLTAC_STRATEGY and not self.fleet.multitask:
             raise ValueError("fltac needs a multi-task fleet (FleetConfig.multitask)")
 
@@ -139,7 +139,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
     truth = fleet_task_kinds(fleet) if config.strategy == FLTAC_STRATEGY else {}
 
     def score(adapter: TensorDict) -> tuple[float, float]:
-        if coordinator is None or not (coordinator.clusters or coordinator.base_residual
+        if coordinator is None or not (coordinator.state.clusters or coordinator.state.residual
                                        or config.task_schedule):
             evaluator.set_adapter(adapter)
             return evaluate_dataset(evaluator, test.x, test.y)
@@ -242,23 +242,24 @@ def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator
     the global with its residual folded into the frozen weights. A task schedule: accuracy
     over the classes seen so far, predicted among those classes (no task id).
     """
-    if coordinator.clusters:
+    state = coordinator.state
+    if state.clusters:
         scores: dict[tuple[int, str], tuple[float, float]] = {}
-        for slot, cluster in coordinator.assignment.items():
+        for slot, cluster in state.assignment.items():
             key = (cluster, truth[slot])
             if key not in scores:
-                evaluator.set_adapter(coordinator.clusters[cluster])
+                evaluator.set_adapter(state.clusters[cluster])
                 scores[key] = evaluate_dataset(evaluator, test.x,
                                                fmnist.task_labels(truth[slot], test.y))
-        per_slot = {s: scores[(c, truth[s])] for s, c in coordinator.assignment.items()}
+        per_slot = {s: scores[(c, truth[s])] for s, c in state.assignment.items()}
         return (float(np.mean([x[0] for x in per_slot.values()])),
                 float(np.mean([x[1] for x in per_slot.values()])),
                 {s: x[1] for s, x in per_slot.items()})
-    residual = coordinator.base_residual
+    residual = state.residual
     layers = {k.rsplit(".", 1)[0] for k in residual}
     evaluator.set_base_delta({layer: residual[f"{layer}.U"] @ residual[f"{layer}.V"]
                               for layer in layers})
-    evaluator.set_adapter(coordinator.adapter)
+    evaluator.set_adapter(state.adapter)
     if not config.task_schedule:
         return (*evaluate_dataset(evaluator, test.x, test.y), {})
     # coordinator.round is the next round: the tasks trained so far end one round earlier

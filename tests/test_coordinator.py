@@ -162,8 +162,6 @@ def test_deadline_closes_round_with_quorum(mosquitto: Broker, cnn_artifacts: Pat
 def test_async_mode_buffers_k_updates_and_discounts_stale_ones(
     mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path
 ) -> None:
-    from aggregator.strategies import staleness_weight
-
     # Prepare: FedBuff with a buffer of 2 and updates up to 1 version old
     manifest = load_manifest(cnn_artifacts)
     g0 = load_file(str(cnn_artifacts / ADAPTER_INIT_FILE))
@@ -198,14 +196,15 @@ def test_async_mode_buffers_k_updates_and_discounts_stale_ones(
     send("d3", 1, a[3], 200)
     thread.join(20)
 
-    # Assert
+    # Assert: FedBuff (Nguyen et al. 2022, Alg. 1) -- x += η_g · Σ s(τ_k)·Δ_k / K with K = 2,
+    # s(τ) = 1/sqrt(1+τ), no sample weights; so the stale delta counts 1/sqrt(2) and the sum is
+    # still divided by 2 (not by 1 + 1/sqrt(2)).
     assert not thread.is_alive()
-    w_stale, w_fresh = 200 * staleness_weight(1), 200.0
+    s1 = 1 / np.sqrt(2)
     for name in g0:
-        expected_g1 = g0[name] + (100 * (a[0][name] - g0[name]) + 300 * (a[1][name] - g0[name])) / 400
+        expected_g1 = g0[name] + ((a[0][name] - g0[name]) + (a[1][name] - g0[name])) / 2
         np.testing.assert_allclose(g1[name], expected_g1, rtol=1e-5, atol=1e-6)
-        expected_g2 = g1[name] + (w_stale * (a[2][name] - g0[name])
-                                  + w_fresh * (a[3][name] - g1[name])) / (w_stale + w_fresh)
+        expected_g2 = g1[name] + (s1 * (a[2][name] - g0[name]) + (a[3][name] - g1[name])) / 2
         np.testing.assert_allclose(coordinator.adapter[name], expected_g2, rtol=1e-5, atol=1e-5)
     for transport in (agg, device, watcher):
         transport.stop()

@@ -82,8 +82,8 @@ def test_fltac_groups_task_slots_by_task_and_each_cluster_serves_its_task(
 
     # A restarted aggregator resumes with the same clusters and assignment
     resumed = Coordinator(config, manifest, initial, agg, GlobalStore(tmp_path / "agg"))
-    assert resumed.round == ROUNDS and resumed.assignment == assignment
-    for got, want in zip(resumed.clusters, clusters, strict=True):
+    assert resumed.round == ROUNDS and resumed.state.assignment == assignment
+    for got, want in zip(resumed.state.clusters, clusters, strict=True):
         np.testing.assert_array_equal(got["head.weight"], want["head.weight"])
 
     # Each cluster is better at its own task than the other cluster's adapter

@@ -82,6 +82,7 @@ class StubTransport:
     """The Transport seam, in memory: records publishes, never delivers anything."""
 
     bytes_sent = 0
+    connected = True
 
     def start(self) -> None: ...
 
