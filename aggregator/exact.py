@@ -192,14 +192,30 @@ def rank_budget(
     Raises:
         ValueError: no layers, a non-positive dimension, or reserved_bytes over the limit.
     """
+    return min(rank_caps(shapes, reserved_bytes, limit_bytes).values())
+
+
+def rank_caps(
+    shapes: Mapping[str, tuple[int, int]], reserved_bytes: int, limit_bytes: int
+) -> dict[str, int]:
+    """Per layer, the rank its residual is kept at: min(its crossover_rank, the payload rank).
+
+    The payload rank is the largest q with Σ_layers 4·q·(d_out + d_in) + reserved_bytes ≤
+    limit_bytes, so the factors of all layers together fit even when every layer reaches it; a
+    layer whose factors would outgrow its dense matrix first stops at its own crossover.
+
+    Raises:
+        ValueError: no layers, a non-positive dimension, or reserved_bytes over the limit.
+    """
     if not shapes:
         raise ValueError("rank_budget needs at least one layer shape")
     if reserved_bytes > limit_bytes:
         raise ValueError(f"the {reserved_bytes} reserved bytes alone exceed the "
                          f"{limit_bytes}-byte limit: no residual rank fits")
-    cap = min(crossover_rank(d_out, d_in) for d_out, d_in in shapes.values())
     per_rank = _FLOAT32_BYTES * sum(d_out + d_in for d_out, d_in in shapes.values())
-    return min(cap, (limit_bytes - reserved_bytes) // per_rank)
+    payload = (limit_bytes - reserved_bytes) // per_rank
+    return {layer: min(crossover_rank(d_out, d_in), payload)
+            for layer, (d_out, d_in) in shapes.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +232,10 @@ class Folded:
     ranks: dict[str, int]
 
 
-def fold(cumulative: Residual, increment: Residual, max_rank: int) -> Folded:
-    """Add a round's residual to the cumulative one, re-factored and kept at rank ≤ max_rank.
+def fold(cumulative: Residual, increment: Residual,
+         max_rank: int | Mapping[str, int]) -> Folded:
+    """Add a round's residual to the cumulative one, re-factored and kept at rank ≤ max_rank
+    (one rank for every layer, or per layer as rank_caps gives).
 
     Per layer the factors concatenate ([U_c U_i][V_c; V_i] = U_c V_c + U_i V_i) and are
     re-factored exactly through compact's thin SVD, which also drops directions that cancelled.
@@ -228,7 +246,9 @@ def fold(cumulative: Residual, increment: Residual, max_rank: int) -> Folded:
     Raises:
         ValueError: a negative max_rank, or a layer whose factors differ in shape between sides.
     """
-    if max_rank < 0:
+    caps = max_rank if isinstance(max_rank, Mapping) else None
+    lowest = min(caps.values(), default=0) if caps is not None else max_rank
+    if lowest < 0:
         raise ValueError(f"max_rank must be >= 0, got {max_rank}")
     out: Residual = {}
     ranks: dict[str, int] = {}
@@ -243,7 +263,8 @@ def fold(cumulative: Residual, increment: Residual, max_rank: int) -> Folded:
         # As in `residual`: directions that cancel leave noise of the size of the parts, not of
         # their sum, so the noise floor is relative to the parts (‖U_p V_p‖ ≤ ‖U_p‖‖V_p‖).
         floor = RANK_RTOL * max(float(np.linalg.norm(pu) * np.linalg.norm(pv)) for pu, pv in parts)
-        out[layer], kept, dropped = _compact(u, v, max_rank, RANK_RTOL, floor)
+        limit = max_rank if caps is None else caps[layer]
+        out[layer], kept, dropped = _compact(u, v, limit, RANK_RTOL, floor)
         ranks[layer] = kept.size
         kept_sq += float(np.sum(kept**2))
         dropped_sq += float(np.sum(dropped**2))

@@ -21,7 +21,7 @@ from aggregator.clustering import carry_assignment, fltac
 from aggregator.exact import (
     exact_aggregate,
     fold,
-    rank_budget,
+    rank_caps,
     residual_from_tensors,
     residual_tensors,
     scaled,
@@ -177,12 +177,11 @@ class ExactFamily(_Buffered):
         adapter, increment = exact_aggregate([(k.tensors, k.weight) for k in kept])
         increment = scaled(increment, self.scaling)
         shapes = {layer: (u.shape[0], v.shape[1]) for layer, (u, v) in increment.items()}
-        budget = rank_budget(shapes, self.adapter_bytes + GLOBAL_OVERHEAD_BYTES,
-                             self.limit_bytes)
+        budget = rank_caps(shapes, self.adapter_bytes + GLOBAL_OVERHEAD_BYTES, self.limit_bytes)
         folded = fold(residual_from_tensors(state.residual), increment, budget)
         info = dict(state.info)
         info["residual_rank"] = max(folded.ranks.values(), default=0)
-        info["residual_rank_budget"] = budget
+        info["residual_rank_budget"] = max(budget.values())
         info["truncation_error"] = folded.truncation_error
         info["truncation_error_max"] = max(folded.truncation_error,
                                            float(info.get("truncation_error_max", 0.0)))

@@ -2,7 +2,7 @@
 
 With exact aggregation the server runs the gateway's protocol with aggregator.exact's functions:
 it folds each round's scaled residual into one cumulative residual (`fold`, under the
-`rank_budget` of a global within protocol.codec.MAX_PAYLOAD_BYTES), and every selected device
+`rank_caps` of a global within protocol.codec.MAX_PAYLOAD_BYTES), and every selected device
 receives the whole cumulative residual with the adapter and sets its frozen weights to
 pretrained W0 + U @ V, keeping no state between rounds (like the real devices).
 """
@@ -20,7 +20,7 @@ from aggregator.exact import (
     dense,
     exact_aggregate,
     fold,
-    rank_budget,
+    rank_caps,
     residual_nbytes,
     scaled,
 )
@@ -69,7 +69,7 @@ class GlobalFederation:
     """Server + devices sharing one global adapter; with `exact`, a cumulative residual in W0.
 
     The server's cumulative residual is scaled (weight units) and kept at rank ≤ `max_rank`, the
-    rank_budget of the model's LoRA layers with the adapter's bytes reserved. Devices are
+    rank_caps of the model's LoRA layers with the adapter's bytes reserved. Devices are
     stateless: each round every selected device sets W0 = pretrained W0 + dense(cumulative)
     before training, however many rounds it sat out.
     """
@@ -82,7 +82,7 @@ class GlobalFederation:
         self.adapter = get_adapter(model)
         self.scaling = {name: s for name, (_, s) in lora_base_layers(model).items()}
         self.pretrained_w0 = base_weights_of(model)
-        self.max_rank = rank_budget({name: w.shape for name, w in self.pretrained_w0.items()},
+        self.max_rank = rank_caps({name: w.shape for name, w in self.pretrained_w0.items()},
                                     adapter_nbytes(self.adapter), MAX_PAYLOAD_BYTES)
         self.cumulative: Residual = {}  # scaled: devices add U @ V to W0 as it is
         self.server_w0 = self.pretrained_w0

@@ -326,3 +326,19 @@ def test_an_oversized_global_raises_payload_too_large() -> None:
     small = {layer: (u[:, :100], v[:100]) for layer, (u, v) in residual.items()}
     codec.encode_global(GlobalModel("fed", 5, "ab" * 32, message.adapter,
                                     base_residual=residual_tensors(small)))
+
+
+def test_rank_caps_stop_each_layer_at_its_own_crossover() -> None:
+    from aggregator.exact import rank_caps
+
+    shapes = {"a": (4, 4), "b": (8, 8)}  # crossovers 16/8 = 2 and 64/16 = 4
+    assert rank_caps(shapes, reserved_bytes=0, limit_bytes=10_000) == {"a": 2, "b": 4}
+    # one rank of both layers costs 4·(8 + 16) = 96 bytes: 200 bytes hold rank 2 of each
+    assert rank_caps(shapes, reserved_bytes=0, limit_bytes=200) == {"a": 2, "b": 2}
+    # per-layer caps through fold: "a" is truncated at 2 while "b" keeps rank 3
+    rng = np.random.default_rng(0)
+    inc = {name: (rng.standard_normal((d, 3)), rng.standard_normal((3, d)))
+           for name, (d, _) in shapes.items()}
+    folded = fold({}, inc, {"a": 2, "b": 4})
+    assert folded.ranks == {"a": 2, "b": 3}
+    assert 0 < folded.truncation_error < 1
