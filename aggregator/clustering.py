@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from itertools import permutations
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from aggregator.strategies import WeightedAdapter, fedavg
 from protocol.tensors import TensorDict
@@ -74,6 +73,9 @@ def fltac(
     points = np.stack([flatten(adapter) for adapter, _ in updates])
     if reference is not None:
         points = points - np.stack([flatten(r) for r in reference])
+    # Imported here: scikit-learn and SciPy add tens of MB, and only FL-TAC gateways need them.
+    from sklearn.cluster import KMeans
+
     labels = KMeans(n_clusters=num_clusters, n_init=KMEANS_RESTARTS,
                     random_state=seed).fit_predict(points)
     averages = {int(c): fedavg([u for u, label in zip(updates, labels, strict=True) if label == c])

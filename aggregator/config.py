@@ -34,6 +34,9 @@ class AggregatorConfig:
     max_staleness: int = 4
     server_lr: float = 1.0
     max_samples: int = DEFAULT_MAX_SAMPLES  # cap on one update's aggregation weight
+    # The state keeps the globals (and the updates kept for buffered strategies) of this many
+    # recent rounds; older ones are pruned so the state stays bounded however long it runs.
+    keep_rounds: int = 10
     # Robustness: clip every update's change to this L2 norm before aggregating.
     clip_norm: float | None = None
     trim_beta: float = 0.2  # trimmed_mean: the fraction trimmed at each end
@@ -62,6 +65,8 @@ class AggregatorConfig:
             raise ValueError("server_lr must be positive")
         if self.max_samples < 1:
             raise ValueError("max_samples must be at least 1")
+        if self.keep_rounds < 1:
+            raise ValueError("keep_rounds must be at least 1")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError("clip_norm must be positive")
         if not 0 < self.dp_delta < 1:

@@ -13,9 +13,9 @@ import numpy as np
 from aggregator.config import AggregatorConfig
 from aggregator.registry import make_family
 from aggregator.robust import clip_update
-from aggregator.rounds import Contribution, GlobalState
+from aggregator.rounds import Contribution, GlobalState, RoundAggregator
 from aggregator.snapshot import GatewaySnapshot, RoundSummary
-from aggregator.store import Accepted, GlobalStore, OpenRound
+from aggregator.store import Accepted, GlobalStore, OpenRound, StorageError
 from aggregator.strategies import add
 from protocol import topics
 from protocol.codec import (
@@ -37,6 +37,7 @@ __all__ = ["AggregatorConfig", "Coordinator", "Rejected", "RoundRecord", "adapte
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often the loop wakes to check the deadline when no message arrives
+RETRY_STORAGE_S = 2.0  # how often updates that could not be stored are tried again
 # One entry per closed round on the status page; totals on /metrics count every round.
 MAX_HISTORY_ROUNDS = 1000
 
@@ -104,19 +105,18 @@ class Coordinator:
         self.online: set[str] = set()
         self.global_bytes = 0  # size of the last global published
         self._history: tuple[RoundSummary, ...] = ()
+        # Updates received while the state could not be written: unacknowledged, tried again.
+        self._deferred: list[Received] = []
+        self._storage_error: str | None = None
+        self._last_retry = now()
         resumed = store.latest()
         if resumed is not None:
             self.state = _state_from_store(*resumed)
             logger.info("resuming federation %s at round %d", config.federation, self.round)
         else:
             self.state = GlobalState(0, initial_adapter)
-            self._save_state([])
-        saved = store.open_round()
-        if saved is None or saved[0].round != self.round:
-            self.open, self.aggregator = OpenRound(self.round), self.family.open(self.state)
-        else:
-            self.open, snapshot, kept = saved
-            self.aggregator = self.family.restore(self.state, snapshot, kept)
+            self._save_state(self.state, [])
+        self.open, self.aggregator = self._restore_open_round()
         if self.open.reported:
             logger.info("round %d: %d updates already accepted before the restart",
                         self.round, len(self.open.reported))
@@ -139,10 +139,12 @@ class Coordinator:
         self._opened = self.now()
         self._deadline = self._opened + self.config.round_deadline_s
 
-    def _save_state(self, closed: list[str]) -> None:
-        s = self.state
+    def _save_state(self, s: GlobalState, closed: list[str]) -> None:
         self.store.save(s.round, join_global_tensors(s.adapter, s.residual, s.clusters),
                         {"closed": closed, "assignment": s.assignment, "family": s.info})
+        # Asynchronous updates may start from any of the last max_staleness globals.
+        keep = max(self.config.keep_rounds, self.family.max_staleness + 1)
+        self.store.prune(s.round - keep)
 
     def _publish_global(self, final: bool = False) -> None:
         self._last_publish = self.now()
@@ -220,38 +222,72 @@ class Coordinator:
         weight = float(min(update.num_samples, self.config.max_samples))
         return Contribution(slot, adapter, start, weight, staleness)
 
-    def handle(self, message: Received) -> None:
-        """Process one received message: status, accepted update, or logged rejection."""
+    def handle(self, message: Received) -> bool:
+        """Process one received message: status, accepted update, or counted rejection.
+
+        Returns False only when an update could not be written to the state (disk full): it
+        must stay unacknowledged and be handed in again later. No message raises.
+        """
         if "/status/" in message.topic:
             self._handle_status(message)
-            return
+            return True
         try:
             update = self.validate(message.topic, message.payload)
             contribution = self._contribution(update)
             kept = self.aggregator.add(contribution)
         except Rejected as exc:
             self._reject(message.topic, exc)
-            return
-        except ValueError as exc:  # the family refused the tensors (e.g. shapes it cannot use)
-            self._reject(message.topic, Rejected("tensors", str(exc)))
-            return
-        state = self.open
-        state.reported[contribution.slot] = update.update_id
-        state.weight += contribution.weight
+            return True
+        except Exception as exc:  # no message may crash the gateway, whatever it holds
+            logger.debug("update on %s failed", message.topic, exc_info=True)
+            self._reject(message.topic, Rejected("invalid", f"{type(exc).__name__}: {exc}"))
+            return True
+        before = self.open
+        state = replace(before, reported={**before.reported, contribution.slot: update.update_id},
+                        weight=before.weight + contribution.weight,
+                        metric_sums=dict(before.metric_sums), bytes=before.bytes + len(message.payload))
         if self.family.device_metrics:
             for name, value in update.metrics.items():
                 state.metric_sums[name] = (state.metric_sums.get(name, 0.0)
                                            + value * contribution.weight)
-        state.bytes += len(message.payload)
         # Durable before the MQTT ack: a crash from here on makes the broker redeliver, and
         # the accepted-id table then drops the copy.
-        self.store.accept(
-            Accepted(update.update_id, contribution.slot, update.num_samples,
-                     contribution.weight, contribution.staleness),
-            state, self.aggregator.snapshot(), kept)
+        try:
+            self.store.accept(
+                Accepted(update.update_id, contribution.slot, update.num_samples,
+                         contribution.weight, contribution.staleness),
+                state, self.aggregator.snapshot(), kept)
+        except StorageError as exc:
+            self._storage_failed(exc)
+            # The aggregator already took the update: rebuild it from what was stored.
+            _, self.aggregator = self._restore_open_round()
+            return False
+        self.open = state
+        self._storage_recovered()
         logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, contribution.slot,
                     update.num_samples, len(state.reported), self.config.clients_per_round)
         self._refresh_snapshot()
+        return True
+
+    def _restore_open_round(self) -> tuple[OpenRound, RoundAggregator]:
+        """The open round's totals and aggregator as the store has them (a fresh round if
+        it holds none for the current round)."""
+        saved = self.store.open_round()
+        if saved is None or saved[0].round != self.round:
+            return OpenRound(self.round), self.family.open(self.state)
+        totals, snapshot, kept = saved
+        return totals, self.family.restore(self.state, snapshot, kept)
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        if self._storage_error is None:  # one line per outage, not one per update
+            logger.error("%s; updates stay unacknowledged and are retried every %.0f s",
+                         exc, RETRY_STORAGE_S)
+        self._storage_error = str(exc)
+
+    def _storage_recovered(self) -> None:
+        if self._storage_error is not None:
+            logger.warning("the state database is writable again")
+            self._storage_error = None
 
     def _handle_status(self, message: Received) -> None:
         try:
@@ -305,16 +341,22 @@ class Coordinator:
         return False
 
     def _close_round(self) -> RoundRecord:
+        """Aggregate the open round, persist the next global state and open its round.
+
+        Raises:
+            StorageError: the new state could not be written; nothing changed (retry later).
+        """
         state = self.open
         weight = state.weight
-        self.state = self.aggregator.close()
         record = RoundRecord(
             round=state.round, devices=tuple(sorted(state.reported)), samples=int(weight),
             bytes_received=state.bytes, duration_s=self.now() - self._opened,
             metrics={k: v / weight for k, v in state.metric_sums.items()},
             global_bytes=self.global_bytes,
         )
-        self._save_state(list(record.devices))
+        following = self.aggregator.close()
+        self._save_state(following, list(record.devices))
+        self.state = following
         self.open, self.aggregator = OpenRound(self.round), self.family.open(self.state)
         self._start_clock()
         summary = RoundSummary(record.round, record.devices, float(weight), record.bytes_received,
@@ -358,13 +400,20 @@ class Coordinator:
         while not stop():
             message = self.transport.receive(timeout=POLL_S)
             if message is not None:
-                self.handle(message)
-                self.transport.ack(message)
+                self._take(message)
+            if self._deferred and self.now() - self._last_retry > RETRY_STORAGE_S:
+                self._retry_deferred()
             if not self._round_ready():
                 if self.now() - self._last_publish > self.config.republish_s:
                     self._republish()
                 continue
-            record = self._close_round()
+            try:
+                record = self._close_round()
+            except StorageError as exc:  # the round stays open until the state can be written
+                self._storage_failed(exc)
+                time.sleep(RETRY_STORAGE_S)
+                continue
+            self._storage_recovered()
             records.append(record)
             logger.info("round %d closed: %d devices, %d samples, %d bytes in %.1fs",
                         record.round, len(record.devices), record.samples,
@@ -380,6 +429,22 @@ class Coordinator:
             if final:
                 break
         return records
+
+    def _take(self, message: Received) -> None:
+        """Handle one message and acknowledge it, unless it must wait for the state disk."""
+        if self.handle(message):
+            self.transport.ack(message)
+        else:
+            self._deferred.append(message)
+            self._last_retry = self.now()
+
+    def _retry_deferred(self) -> None:
+        """Hand in again the updates that could not be stored; stop at the first failure."""
+        self._last_retry = self.now()
+        while self._deferred:
+            if not self.handle(self._deferred[0]):
+                return
+            self.transport.ack(self._deferred.pop(0))
 
     def _publish_final(self, stop: Callable[[], bool]) -> None:
         # Devices wait for the final message to stop: keep trying through a broker outage.

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS accepted (
 """
 
 
+class StorageError(RuntimeError):
+    """The state database could not be written (disk full, read-only, I/O error)."""
+
+
 @dataclass
 class OpenRound:
     """The round being collected: who reported, and the totals the coordinator keeps."""
@@ -85,7 +89,11 @@ class GlobalStore:
 
     # -- globals ---------------------------------------------------------------------------
     def save(self, round_number: int, adapter: TensorDict, info: dict[str, object]) -> None:
-        """Persist the global state that opens `round_number` and start that round empty."""
+        """Persist the global state that opens `round_number` and start that round empty.
+
+        Raises:
+            StorageError: the database could not be written; nothing was changed.
+        """
         with self._transaction():
             self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
                             (round_number, save_tensors(adapter), json.dumps(info)))
@@ -133,7 +141,11 @@ class GlobalStore:
     def accept(self, update: Accepted, state: OpenRound, snapshot: TensorDict,
                kept: TensorDict | None) -> None:
         """Atomically record one accepted update, the round's totals and its aggregator's
-        snapshot; `kept` is what the aggregator asked to keep for this update, if anything."""
+        snapshot; `kept` is what the aggregator asked to keep for this update, if anything.
+
+        Raises:
+            StorageError: the database could not be written; nothing was changed.
+        """
         blob = None if kept is None else save_tensors(
             {k: np.ascontiguousarray(v) for k, v in kept.items()})
         snap = save_tensors({k: np.ascontiguousarray(v) for k, v in snapshot.items()}) \
@@ -145,6 +157,19 @@ class GlobalStore:
             self.db.execute(
                 "UPDATE open_round SET snapshot = ?, weight = ?, metric_sums = ?, bytes = ? "
                 "WHERE id = 0", (snap, state.weight, json.dumps(state.metric_sums), state.bytes))
+
+    def prune(self, before_round: int) -> None:
+        """Forget what closed rounds before `before_round` no longer need: their globals (the
+        newest is always kept) and the updates kept for them; update ids stay, for duplicates.
+
+        Raises:
+            StorageError: the database could not be written; nothing was changed.
+        """
+        with self._transaction():
+            self.db.execute("DELETE FROM globals WHERE round < ? AND round < "
+                            "(SELECT MAX(round) FROM globals)", (before_round,))
+            self.db.execute("UPDATE accepted SET adapter = NULL WHERE round < ? AND "
+                            "adapter IS NOT NULL", (before_round,))
 
     def accepted_adapters(self, round_number: int) -> list[tuple[TensorDict, float]]:
         """(tensors, weight) of the updates kept for `round_number` (buffered strategies)."""
@@ -174,13 +199,24 @@ class GlobalStore:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; write failures become StorageError."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot write the state database: {exc}") from exc
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        except sqlite3.Error as failure:
+            if self.db.in_transaction:  # a failed COMMIT leaves the transaction open
+                self.db.execute("ROLLBACK")
+            raise StorageError(f"cannot write the state database: {failure}") from failure
+        if isinstance(exc, sqlite3.Error | OSError):
+            raise StorageError(f"cannot write the state database: {exc}") from exc
+        return False

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,19 +18,25 @@ from edgefl.gateway import AGGREGATOR_ID, load_gateway
 ConfigT = TypeVar("ConfigT")
 
 
-def quiet_third_party() -> None:
-    """Silence chatty libraries (export, runtimes, brokers) below ERROR."""
+def quiet_third_party(runtimes: bool = True) -> None:
+    """Silence chatty libraries (export, runtimes, brokers) below ERROR.
+
+    `runtimes=False` leaves ONNX Runtime unimported: the gateway must not load it (it maps
+    libtorch-sized libraries into the aggregator's memory).
+    """
     # Export and runtime libraries are chatty at INFO; keep the user's terminal for our output.
     for name in ("root", "amqtt", "transitions", "torch", "torchao", "onnxruntime", "executorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
+    if not runtimes:
+        return
     try:
         import onnxruntime
 
         onnxruntime.set_default_logger_severity(3)  # its graph warnings are not the user's concern
     except ImportError:  # the gateway image has no onnxruntime
         pass
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
 
 
 def _artifacts(args: argparse.Namespace) -> Path:
@@ -103,7 +111,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
     from aggregator.coordinator import AggregatorConfig, Coordinator
     from aggregator.registry import make_family
-    from aggregator.store import GlobalStore
+    from aggregator.store import GlobalStore, StorageError
     from protocol.manifest import load_manifest
     from protocol.messages import TrainConfig
     from transport.mqtt import MqttTransport
@@ -120,35 +128,55 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         max_samples=args.max_samples, num_clusters=args.clusters,
         task_schedule=task_schedule(args), rounds_per_task=args.rounds_per_task,
     )
+    manifest = load_manifest(artifacts)
+    try:
+        make_family(config, manifest)  # refuse a broken combination before touching anything
+    except ValueError as exc:
+        raise SystemExit(f"edgefl: {exc}") from exc
     secure = _gateway_connection(args, AGGREGATOR_ID)
     registry = None
     if args.gateway:
         from protocol.signing import load_registry
 
         registry = load_registry(load_gateway(Path(args.gateway)).signing_registry)
-    # Persistent session + manual acks: updates sent while the aggregator is down, or received
-    # but not yet committed when it died, are delivered again when it comes back.
-    transport = MqttTransport(secure["host"], secure["port"], f"aggregator-{args.federation}",
-                              persistent_session=True, manual_ack=True, tls=secure["tls"])
-    manifest = load_manifest(artifacts)
-    try:
-        make_family(config, manifest)  # refuse a broken combination before connecting
-    except ValueError as exc:
-        raise SystemExit(f"edgefl: {exc}") from exc
-    transport.start()
-    coordinator = Coordinator(config, manifest,
-                              load_file(str(artifacts / manifest.files["adapter_init"])), transport,
-                              GlobalStore(Path(args.state_dir) / args.federation),
-                              registry=registry)
-    report = dp_report(args)
-    if report:
-        print(report, flush=True)
+    config = replace(config, allowed_devices=_allowed_devices(args, registry))
+    # The status port first: a taken port is one clear line before any state is written.
+    coordinator: Coordinator | None = None
     status = None
     if args.status_port is not None:
         from aggregator.status import StatusServer
 
-        status = StatusServer(coordinator.snapshot, args.status_host, args.status_port)
-        status.start()
+        def snapshot():  # noqa: ANN202 (the page answers 500 until the coordinator is up)
+            if coordinator is None:
+                raise RuntimeError("the aggregator is starting")
+            return coordinator.snapshot()
+
+        status = StatusServer(snapshot, args.status_host, args.status_port)
+        try:
+            status.start()
+        except OSError as exc:
+            raise SystemExit(f"edgefl: cannot serve the status page on "
+                             f"{args.status_host}:{args.status_port}: {exc.strerror or exc}") \
+                from exc
+    # Persistent session + manual acks: updates sent while the aggregator is down, or received
+    # but not yet committed when it died, are delivered again when it comes back.
+    transport = MqttTransport(secure["host"], secure["port"], f"aggregator-{args.federation}",
+                              persistent_session=True, manual_ack=True, tls=secure["tls"])
+    try:
+        store = GlobalStore(Path(args.state_dir) / args.federation)
+        transport.start()
+        coordinator = Coordinator(config, manifest,
+                                  load_file(str(artifacts / manifest.files["adapter_init"])),
+                                  transport, store, registry=registry)
+    except (ValueError, OSError, StorageError, sqlite3.Error) as exc:
+        if status is not None:
+            status.stop()
+        transport.stop()
+        raise SystemExit(f"edgefl: {exc}") from exc
+    report = dp_report(args)
+    if report:
+        print(report, flush=True)
+    if status is not None:
         print(f"status page: {status.url}", flush=True)
     try:
         for record in coordinator.run():
@@ -161,6 +189,20 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             status.stop()
         transport.stop()
     return 0
+
+
+def _allowed_devices(args: argparse.Namespace, registry: dict | None) -> frozenset[str] | None:
+    """Who may send updates: --allowed-devices, else the gateway's enrolled devices, else any."""
+    if args.allowed_devices:
+        names = [n.strip() for n in args.allowed_devices.split(",") if n.strip()]
+        if not names:
+            raise SystemExit("edgefl: --allowed-devices names no device")
+        return frozenset(names)
+    if registry is not None:
+        return frozenset(registry)
+    logging.getLogger("edgefl").warning(
+        "plain mode without --allowed-devices: any device id may send updates")
+    return None
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -293,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trimmed_mean: fraction trimmed at each end (β·min-clients must be ≥ 1)")
     p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES,
                    help="cap on the sample count one update is weighted by")
+    p.add_argument("--allowed-devices",
+                   help="comma-separated device ids allowed to send updates (default: the "
+                        "gateway's enrolled devices with --gateway, else any)")
     p.add_argument("--status-port", type=int,
                    help="serve the status page, /api/status, /metrics and /healthz on this port")
     p.add_argument("--status-host", default="127.0.0.1",
@@ -368,13 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `edgefl` console script."""
     args = build_parser().parse_args(argv)
-    quiet_third_party()
+    # Only the commands that train or export load the runtimes; the gateway's stay lean.
+    quiet_third_party(runtimes=args.command in ("client", "demo", "emulate", "export"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:
         for name in ("aggregator", "edge_client", "export", "transport", "workloads", "edgefl"):
             logging.getLogger(name).setLevel(logging.INFO)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (OSError, ValueError) as exc:
+        # Bad input (a missing file, a malformed folder, a refused setting) is one line; -v
+        # shows where it came from.
+        if args.verbose:
+            raise
+        print(f"edgefl: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
