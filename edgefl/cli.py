@@ -125,7 +125,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         strategy=args.strategy, mode=args.mode, max_staleness=args.max_staleness,
         clip_norm=args.clip_norm, dp_noise_multiplier=args.dp_noise, dp_delta=args.dp_delta,
         dp_max_epsilon=args.dp_max_epsilon, trim_beta=args.trim_beta,
-        max_samples=args.max_samples, num_clusters=args.clusters,
+        max_samples=args.max_samples, keep_rounds=args.keep_rounds, num_clusters=args.clusters,
         task_schedule=task_schedule(args), rounds_per_task=args.rounds_per_task,
     )
     manifest = load_manifest(artifacts)
@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trimmed_mean: fraction trimmed at each end (β·min-clients must be ≥ 1)")
     p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES,
                    help="cap on the sample count one update is weighted by")
+    p.add_argument("--keep-rounds", type=int, default=10,
+                   help="how many recent rounds' globals (and kept updates) the state keeps")
     p.add_argument("--allowed-devices",
                    help="comma-separated device ids allowed to send updates (default: the "
                         "gateway's enrolled devices with --gateway, else any)")

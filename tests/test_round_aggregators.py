@@ -232,3 +232,19 @@ def test_a_huge_sample_count_is_capped(tmp_path: Path) -> None:
     _send(coordinator, "liar", _full(3.0), samples=2**62)
     # capped to 100 each: (1·100 + 3·100) / 200 = 2 (uncapped it would be ≈ 3)
     np.testing.assert_allclose(_close(coordinator)["head.bias"], [2.0, 2.0])
+
+
+def test_state_keeps_only_recent_rounds(tmp_path: Path) -> None:
+    # fedmedian keeps every update's adapter until its round is pruned
+    coordinator = _coordinator(tmp_path, strategy="fedmedian", rounds=20, keep_rounds=3)
+    for value in range(12):
+        _send(coordinator, "a", _full(float(value)))
+        _send(coordinator, "b", _full(float(value)))
+        _close(coordinator)
+    store = coordinator.store
+    assert store.history() == [9, 10, 11, 12]  # round 12 is open; 3 closed rounds before it
+    assert store.accepted_adapters(8) == []  # pruned
+    assert len(store.accepted_adapters(11)) == 2  # kept
+    # update ids stay (a redelivered old update is still a duplicate): 12 rounds × 2
+    (rows,) = store.db.execute("SELECT COUNT(*) FROM accepted").fetchone()
+    assert rows == 24
