@@ -229,7 +229,7 @@ def test_fedbuff_damps_a_buffer_of_stale_updates(tmp_path: Path) -> None:
 def test_a_huge_sample_count_is_capped(tmp_path: Path) -> None:
     coordinator = _coordinator(tmp_path, max_samples=100)
     _send(coordinator, "honest", _full(1.0), samples=100)
-    _send(coordinator, "liar", _full(3.0), samples=2**62)
+    _send(coordinator, "liar", _full(3.0), samples=2**31 - 1)  # the most the protocol allows
     # capped to 100 each: (1·100 + 3·100) / 200 = 2 (uncapped it would be ≈ 3)
     np.testing.assert_allclose(_close(coordinator)["head.bias"], [2.0, 2.0])
 
