@@ -58,35 +58,38 @@ NOTES = """\
   Coordinator, ExecuTorch / ONNX Runtime / torch devices): `python -m experiments.mqtt` writes
   [RESULTS_MQTT.md](RESULTS_MQTT.md).
 - One process, no MQTT. Servers call the same functions as the gateway package:
-  `aggregator.strategies.fedavg`, `aggregator.exact.exact_aggregate` / `residual_since`,
+  `aggregator.strategies.fedavg`, `aggregator.exact.exact_aggregate` / `fold` / `rank_caps`,
   `aggregator.clustering.fltac` and `aggregator.personal.colora`.
 - Devices train like `edge_client/backends/torch_backend.py`: plain SGD (no momentum), lr 0.05,
   batch 32, batches drawn without replacement as `edge_client.trainer.train_local` draws them.
   The frozen convolutions are computed once per image (every method adapts only fc1/fc2 and the
   head, and the convolutions have no dropout or batch statistics, so this is the same function;
   `tests/test_experiments.py` checks it against the full model).
-- FedAvg weights are the devices' local dataset sizes (FLORA's n_k/Σn). The gateway weights by
-  examples processed instead, which is uniform when every device runs the same number of steps.
+- FedAvg weights are the devices' local dataset sizes (FLORA's n_k/Σn), as at the gateway, where
+  an update's num_samples is its device's dataset size (docs/PROTOCOL.md §5), capped there.
 - Test accuracy is on a fixed random slice of the Fashion-MNIST test set. A device's accuracy is
   the per-class test accuracy weighted by that device's own class shares (its label skew); the
   worst device is the minimum over devices. Rounds to best: the first round at which test
   accuracy (multi-task: mean device accuracy) peaks. Numbers are mean ± sample standard deviation
   over the seeds, which change the splits, the initial adapter and the batch order.
 - Bytes are float32 tensor payloads summed over all devices per round, without the codec's
-  header and zstd compression. Exact aggregation adds the factored residual to every download.
+  header and zstd compression. Exact aggregation adds the cumulative factored residual, as the
+  gateway sends it with every global, to every download.
 - Diagnostics: ‖R‖ / ‖B̄Ā‖ is the Frobenius size of the exactness residual next to the averaged
   LoRA update (mean over rounds): the share of the global update that FedAvg gets wrong. Gate
   flips: the fraction of fc1/fc2 units, on the test set after training, where FedSQ's fixed gate
   differs from the sign of the trained copy's own pre-activation; at 0 FedSQ equals plain LoRA.
 - One torch thread: the matrices are small, and on 2 shared cores a second thread mostly waits.
 
-## What is a reconstruction (see /work/shared/ALGORITHMS.md)
+## What is a reconstruction
 
 - **FLORA** (arXiv 2404.15182): only its aggregation is used, sample-weighted FedAvg of A and B
   separately; the CLIP model, contrastive loss and Adam of the paper are not.
 - **Exact aggregation** (FedEx-LoRA, arXiv 2410.09432): the residual Σp_k B_k A_k − B̄Ā is folded
-  into every device's frozen weights each round, sent in factored form of rank ≤ (K−1)·r rather
-  than the paper code's dense matrix. Devices that skip rounds would catch up through the log.
+  into every device's frozen weights each round. As at the gateway, every global carries the
+  cumulative residual in factored form (not the paper code's dense matrix), re-factored exactly
+  each round and truncated to each layer's factor/dense crossover rank d_out·d_in/(d_out+d_in)
+  (within the payload limit) once it outgrows it; the truncation error is reported.
 - **FedSQ** (arXiv 2604.02990): the paper averages full weights of AlexNet/ResNet-18; here the
   quantitative copy is LoRA on fc1/fc2 with gates from the frozen pretrained fc1/fc2, a design
   extension. The per-layer gating form is [UNVERIFIED]; the convolutions are frozen, so only the
