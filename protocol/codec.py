@@ -2,13 +2,18 @@
 
 The safetensors `__metadata__` holds `schema` (the version), `kind` and `header` (the message's
 scalar fields as JSON). Tensors are the adapter, for updates in one of the compact encodings of
-protocol.quant. Nothing is pickled, so decoding untrusted bytes cannot run code; every failure
-surfaces as DecodeError with the reason. docs/PROTOCOL.md is the language-neutral spec.
+protocol.quant. The frame is exactly one zstd frame with its content checksum. Nothing is
+pickled, so decoding untrusted bytes cannot run code; the header must be strict JSON holding
+exactly the documented keys, each in its documented range (the rules live in
+protocol.messages). Every failure surfaces as DecodeError with a one-line reason.
+docs/PROTOCOL.md is the language-neutral spec.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from typing import Any
 
@@ -17,7 +22,20 @@ import safetensors.numpy
 import zstandard
 
 from protocol import quant
-from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.messages import (
+    GlobalModel,
+    Status,
+    TrainConfig,
+    Update,
+    check_bool,
+    check_int,
+    check_metrics,
+    check_segment,
+    check_shape,
+    check_slot,
+    check_task_name,
+    check_token,
+)
 from protocol.tensors import TensorDict
 
 SCHEMA_VERSION = 1
@@ -30,6 +48,7 @@ MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024
 # the header declares, so a few bytes could otherwise ask for gigabytes of zeros.
 MAX_DENSE_BYTES = MAX_DECOMPRESSED_BYTES
 _ZSTD_LEVEL = 3  # zstd's default: most of the gain, fast on a phone
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first 4 bytes (RFC 8878)
 
 
 # Tensor-name prefix of a global's residual factors; "/" never occurs in adapter names.
@@ -47,43 +66,125 @@ class PayloadTooLarge(ValueError):
 
 
 def _pack(kind: str, header: dict[str, Any], tensors: TensorDict) -> bytes:
-    metadata = {"schema": str(SCHEMA_VERSION), "kind": kind, "header": json.dumps(header)}
+    # allow_nan=False: a header a receiver would refuse (NaN, Infinity) fails here instead.
+    metadata = {"schema": str(SCHEMA_VERSION), "kind": kind,
+                "header": json.dumps(header, allow_nan=False)}
     # safetensors wants C-contiguous arrays (a no-op when they already are); not
     # np.ascontiguousarray, which would turn a 0-d tensor into shape (1,).
     contiguous = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     raw = safetensors.numpy.save(contiguous, metadata=metadata)
-    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
+    return compress_frame(raw)
+
+
+def compress_frame(raw: bytes) -> bytes:
+    """One zstd frame around `raw`, with its content size and content checksum (section 3)."""
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).compress(raw)
+
+
+def _decompress_frame(data: bytes | bytearray | memoryview) -> bytes:
+    """The content of exactly one checksummed zstd frame, checked against its checksum."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise DecodeError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES} limit")
+    if bytes(data[:4]) != ZSTD_MAGIC:
+        raise DecodeError("payload does not start with the zstd frame magic number")
+    try:
+        params = zstandard.get_frame_parameters(data)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"not a zstd frame: {exc}") from exc
+    if not params.has_checksum:
+        raise DecodeError("zstd frame has no content checksum")
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and (
+            params.content_size > MAX_DECOMPRESSED_BYTES):
+        raise DecodeError(f"payload declares {params.content_size} bytes decompressed, over "
+                          f"the {MAX_DECOMPRESSED_BYTES} limit")
+    try:
+        # One frame, nothing after it (allow_extra_data=False); zstd verifies the checksum.
+        return zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=MAX_DECOMPRESSED_BYTES, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"invalid zstd frame: {exc}") from exc
 
 
 def _unpack(data: bytes, kind: str) -> tuple[dict[str, Any], TensorDict]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"payload must be bytes, got {type(data).__name__}")
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise DecodeError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES} limit")
-    try:
-        declared = zstandard.frame_content_size(data)
-        if declared > MAX_DECOMPRESSED_BYTES:
-            raise DecodeError(f"payload declares {declared} bytes decompressed, over the limit")
-        raw = zstandard.ZstdDecompressor().decompress(
-            data, max_output_size=MAX_DECOMPRESSED_BYTES
-        )
-    except zstandard.ZstdError as exc:
-        raise DecodeError(f"not a zstd frame: {exc}") from exc
+    raw = _decompress_frame(data)
     metadata = _read_metadata(raw)
-    if metadata.get("schema") != str(SCHEMA_VERSION):
-        raise DecodeError(
-            f"schema version {metadata.get('schema')!r} is not supported (expected {SCHEMA_VERSION})"
-        )
-    if metadata.get("kind") != kind:
-        raise DecodeError(f"expected a {kind!r} message, got {metadata.get('kind')!r}")
-    try:
-        header = json.loads(metadata["header"])
-        tensors = safetensors.numpy.load(raw)
-    except Exception as exc:  # safetensors raises its own error types for malformed bodies
-        raise DecodeError(f"malformed message body: {exc}") from exc
+    if metadata["schema"] != str(SCHEMA_VERSION):
+        raise DecodeError(f"schema version {_show(metadata['schema'])} is not supported "
+                          f"(expected {SCHEMA_VERSION})")
+    if metadata["kind"] != kind:
+        raise DecodeError(f"expected a {kind!r} message, got {_show(metadata['kind'])}")
+    header = strict_json(metadata["header"], "header")
     if not isinstance(header, dict):
         raise DecodeError("header is not a JSON object")
+    try:
+        tensors = safetensors.numpy.load(raw)
+    except Exception as exc:  # safetensors raises its own error types for malformed bodies
+        raise DecodeError(f"malformed message body: {_one_line(exc)}") from exc
     return header, tensors
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _show(value: object) -> str:
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def strict_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON as the protocol allows it, raising DecodeError otherwise.
+
+    Refused: NaN, Infinity and -Infinity; numbers too large for a float64 (1e400); duplicate
+    keys in an object; strings that UTF-8 cannot encode (lone surrogates, e.g. "\\ud800");
+    bytes that are not UTF-8; nesting deeper than the parser allows.
+    """
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj:
+                raise DecodeError(f"{what}: duplicate key {_show(key)}")
+            obj[key] = value
+        return obj
+
+    def constant(name: str) -> Any:
+        raise DecodeError(f"{what}: {name} is not allowed")
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise DecodeError(f"{what}: number {_show(literal)} is out of range")
+        return value
+
+    try:
+        if isinstance(text, bytes | bytearray):
+            text = bytes(text).decode("utf-8")
+        value = json.loads(text, object_pairs_hook=pairs, parse_constant=constant,
+                           parse_float=number)
+    except DecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
+        raise DecodeError(f"{what} is not valid JSON: {_one_line(exc)}") from exc
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DecodeError(f"{what}: string {_show(item)} is not valid UTF-8") from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+_METADATA_KEYS = frozenset({"schema", "kind", "header"})
 
 
 def _read_metadata(raw: bytes) -> dict[str, str]:
@@ -93,21 +194,42 @@ def _read_metadata(raw: bytes) -> dict[str, str]:
     (length,) = struct.unpack("<Q", raw[:8])
     if length > len(raw) - 8:
         raise DecodeError("safetensors header length exceeds the payload")
-    try:
-        header = json.loads(raw[8 : 8 + length])
-        metadata = header.get("__metadata__") or {}
-    except (ValueError, AttributeError) as exc:
-        raise DecodeError(f"malformed safetensors header: {exc}") from exc
+    header = strict_json(raw[8 : 8 + length], "safetensors header")
+    if not isinstance(header, dict):
+        raise DecodeError("safetensors header is not a JSON object")
+    metadata = header.get("__metadata__")
     if not isinstance(metadata, dict):
-        raise DecodeError("safetensors metadata is not an object")
+        raise DecodeError("safetensors metadata is missing or not an object")
+    if set(metadata) != _METADATA_KEYS or not all(
+            isinstance(v, str) for v in metadata.values()):
+        raise DecodeError(f"safetensors metadata must hold exactly the strings "
+                          f"{sorted(_METADATA_KEYS)}, got keys {_show(sorted(metadata))}")
     return metadata
+
+
+def _check_keys(header: dict[str, Any], required: frozenset[str], optional: frozenset[str],
+                what: str = "header") -> None:
+    missing = sorted(required - header.keys())
+    if missing:
+        raise DecodeError(f"{what} field {missing[0]!r} is missing")
+    unknown = sorted(header.keys() - required - optional)
+    if unknown:
+        raise DecodeError(f"unknown {what} field {_show(unknown[0])}")
+
+
+def _checked(check: Any, *args: Any, prefix: str = "header field ") -> Any:
+    """Run a protocol.messages check, turning its ValueError into DecodeError."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise DecodeError(f"{prefix}{exc}") from exc
 
 
 def _field(header: dict[str, Any], name: str, kind: type) -> Any:
     value = header.get(name)
     # bool is an int subclass; a True round number is not a round number.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DecodeError(f"header field {name!r} must be {kind.__name__}, got {value!r}")
+        raise DecodeError(f"header field {name!r} must be {kind.__name__}, got {_show(value)}")
     return value
 
 
@@ -115,8 +237,11 @@ def _number(header: dict[str, Any], name: str) -> float:
     # JSON has one number type: another language may write 1 where Python writes 1.0.
     value = header.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DecodeError(f"header field {name!r} must be a number, got {value!r}")
-    return float(value)
+        raise DecodeError(f"header field {name!r} must be a number, got {_show(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond float64
+        raise DecodeError(f"header field {name!r} is out of range: {_show(value)}") from None
 
 
 def _optional_number(header: dict[str, Any], name: str) -> float | None:
@@ -126,18 +251,15 @@ def _optional_number(header: dict[str, Any], name: str) -> float | None:
 
 
 def _shapes(header: dict[str, Any], sparse: bool) -> dict[str, tuple[int, ...]] | None:
-    raw = header.get("shapes")
     if not sparse:
-        if raw is not None:
+        if "shapes" in header:
             raise DecodeError("header field 'shapes' is only valid with topk")
         return None
-    if not isinstance(raw, dict) or not all(
-        isinstance(shape, list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        for shape in raw.values()
-    ):
+    raw = header.get("shapes")
+    if not isinstance(raw, dict):
         raise DecodeError("header field 'shapes' must map tensor names to lists of sizes >= 0")
-    return {str(name): tuple(shape) for name, shape in raw.items()}
+    return {name: _checked(check_shape, shape, f"'shapes' of {_show(name)}")
+            for name, shape in raw.items()}
 
 
 def encode_global(message: GlobalModel) -> bytes:
@@ -201,8 +323,9 @@ def split_global_tensors(
             residual[name.removeprefix(RESIDUAL_PREFIX)] = value
         elif name.startswith(CLUSTER_PREFIX):
             index, _, key = name.removeprefix(CLUSTER_PREFIX).partition("/")
-            if not index.isdigit() or not key:
-                raise DecodeError(f"malformed cluster tensor name {name!r}")
+            # Canonical decimal (no sign, no leading zero), short enough for int() to be cheap.
+            if not re.fullmatch(r"0|[1-9][0-9]{0,8}", index) or not key:
+                raise DecodeError(f"malformed cluster tensor name {_show(name)}")
             found.setdefault(int(index), {})[key] = value
         else:
             adapter[name] = value
@@ -211,30 +334,44 @@ def split_global_tensors(
     return adapter, residual, tuple(found[i] for i in range(len(found)))
 
 
+_GLOBAL_KEYS = frozenset({"federation", "round", "manifest_sha256", "local_steps",
+                          "learning_rate", "update_encoding", "update_topk", "final"})
+_GLOBAL_OPTIONAL = frozenset({"assignment", "task_index", "task_classes"})
+
+
 def _assignment(header: dict[str, Any]) -> dict[str, int]:
     raw = header.get("assignment", {})
-    if not isinstance(raw, dict) or not all(
-            isinstance(c, int) and not isinstance(c, bool) for c in raw.values()):
+    if not isinstance(raw, dict):
         raise DecodeError("header field 'assignment' must map slot names to integers")
-    return {str(slot): c for slot, c in raw.items()}
+    for slot, cluster in raw.items():
+        _checked(check_slot, slot, prefix="header field 'assignment': ")
+        _checked(check_int, cluster, f"'assignment' of {_show(slot)}", 0)
+    return dict(raw)
 
 
 def _task(header: dict[str, Any]) -> tuple[int | None, tuple[int, ...] | None]:
     if "task_classes" not in header and "task_index" not in header:
         return None, None
     classes = header.get("task_classes")
-    if not isinstance(classes, list) or not all(
-            isinstance(c, int) and not isinstance(c, bool) for c in classes):
-        raise DecodeError("header field 'task_classes' must be a list of integers")
-    return _field(header, "task_index", int), tuple(classes)
+    if not isinstance(classes, list) or not classes:
+        raise DecodeError("header field 'task_classes' must be a non-empty list of integers")
+    for c in classes:
+        _checked(check_int, c, "'task_classes' entry", 0)
+    return _checked(check_int, header.get("task_index"), "'task_index'", 0), tuple(classes)
 
 
 def decode_global(data: bytes) -> GlobalModel:
-    """Parse a GlobalModel, raising DecodeError on anything malformed."""
+    """Parse a GlobalModel, raising DecodeError on anything malformed (docs/PROTOCOL.md §4)."""
     header, tensors = _unpack(data, "global")
+    _check_keys(header, _GLOBAL_KEYS, _GLOBAL_OPTIONAL)
+    federation = _checked(check_segment, header["federation"], "'federation'")
+    round_number = _checked(check_int, header["round"], "'round'", 0)
+    manifest_sha256 = _checked(check_token, header["manifest_sha256"], "'manifest_sha256'")
+    local_steps = _checked(check_int, header["local_steps"], "'local_steps'", 1)
+    final = _checked(check_bool, header["final"], "'final'")
     try:
         train = TrainConfig(
-            local_steps=_field(header, "local_steps", int),
+            local_steps=local_steps,
             learning_rate=_number(header, "learning_rate"),
             update_encoding=_field(header, "update_encoding", str),
             update_topk=_optional_number(header, "update_topk"),
@@ -243,19 +380,20 @@ def decode_global(data: bytes) -> GlobalModel:
         if isinstance(exc, DecodeError):
             raise
         raise DecodeError(str(exc)) from exc
+    assignment = _assignment(header)
     task_index, task_classes = _task(header)
     adapter, residual, clusters = split_global_tensors(tensors)
     try:
         return GlobalModel(
-            federation=_field(header, "federation", str),
-            round=_field(header, "round", int),
-            manifest_sha256=_field(header, "manifest_sha256", str),
+            federation=federation,
+            round=round_number,
+            manifest_sha256=manifest_sha256,
             adapter=adapter,
             train=train,
-            final=_field(header, "final", bool),
+            final=final,
             base_residual=residual,
             clusters=clusters,
-            assignment=_assignment(header),
+            assignment=assignment,
             task_index=task_index,
             task_classes=task_classes,
         )
@@ -297,51 +435,87 @@ def encode_update(message: Update, encoding: str = "fp32", topk: float | None = 
     return _pack("update", header, wire)
 
 
+_UPDATE_KEYS = frozenset({"federation", "round", "device_id", "manifest_sha256",
+                          "num_samples", "update_id", "is_delta", "encoding", "topk"})
+_UPDATE_OPTIONAL = frozenset({"metrics", "task", "shapes"})
+
+
 def decode_update(data: bytes) -> Update:
-    """Parse an Update into dense float32 tensors, raising DecodeError on anything malformed."""
+    """Parse an Update into dense float32 tensors, raising DecodeError on anything malformed.
+
+    Every header rule of docs/PROTOCOL.md §5 is checked before any tensor is decoded.
+    """
     header, tensors = _unpack(data, "update")
-    metrics = header.get("metrics", {})
-    if not isinstance(metrics, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
-    ):
-        raise DecodeError("header field 'metrics' must map names to numbers")
+    _check_keys(header, _UPDATE_KEYS, _UPDATE_OPTIONAL)
+    federation = _checked(check_segment, header["federation"], "'federation'")
+    round_number = _checked(check_int, header["round"], "'round'", 0)
+    device_id = _checked(check_segment, header["device_id"], "'device_id'")
+    manifest_sha256 = _checked(check_token, header["manifest_sha256"], "'manifest_sha256'")
+    num_samples = _checked(check_int, header["num_samples"], "'num_samples'", 1)
+    update_id = _checked(check_token, header["update_id"], "'update_id'")
+    metrics = _checked(check_metrics, header.get("metrics", {}),
+                       prefix="header field 'metrics': ")
+    is_delta = _checked(check_bool, header["is_delta"], "'is_delta'")
+    task = header.get("task", "")
+    if "task" in header:  # present: a slot name of 1-32 characters
+        if not isinstance(task, str) or not task:
+            raise DecodeError(f"header field 'task' must be a non-empty string, got {_show(task)}")
+        _checked(check_task_name, task, prefix="header field 'task': ")
     try:
-        # Header first, tensors last: the cheap checks reject most bad payloads before any
-        # dequantising or allocation.
-        federation = _field(header, "federation", str)
-        round_number = _field(header, "round", int)
-        device_id = _field(header, "device_id", str)
-        manifest_sha256 = _field(header, "manifest_sha256", str)
-        num_samples = _field(header, "num_samples", int)
-        update_id = _field(header, "update_id", str)
-        is_delta = _field(header, "is_delta", bool)
-        task = _field(header, "task", str) if "task" in header else ""
         encoding = quant.check_encoding(_field(header, "encoding", str))
         topk = quant.check_topk(_optional_number(header, "topk"))
-        adapter = quant.decode_tensors(
-            tensors, encoding, _shapes(header, sparse=topk is not None), MAX_DENSE_BYTES
-        )
+        shapes = _shapes(header, sparse=topk is not None)
+        # Header first, tensors last: the cheap checks reject most bad payloads before any
+        # dequantising or allocation.
+        adapter = quant.decode_tensors(tensors, encoding, shapes, MAX_DENSE_BYTES)
         return Update(
             federation=federation, round=round_number, device_id=device_id,
             manifest_sha256=manifest_sha256, num_samples=num_samples, update_id=update_id,
-            adapter=adapter, metrics={str(k): float(v) for k, v in metrics.items()},
-            is_delta=is_delta, task=task,
+            adapter=adapter, metrics=metrics, is_delta=is_delta, task=task,
         )
     except ValueError as exc:
         if isinstance(exc, DecodeError):
             raise
-        raise DecodeError(str(exc)) from exc
+        raise DecodeError(_one_line(exc)) from exc
 
 
-def encode_status(online: bool, device_id: str) -> bytes:
-    """A device's presence, as small JSON (it is also the MQTT last will)."""
-    return json.dumps({"schema": SCHEMA_VERSION, "device_id": device_id, "online": online}).encode()
+# Bound on a status payload: a device id of 255 UTF-8 bytes, \u-escaped, fits several times.
+MAX_STATUS_BYTES = 4096
+_STATUS_KEYS = frozenset({"schema", "device_id", "online"})
 
 
-def decode_status(data: bytes) -> tuple[str, bool]:
-    """Parse a status message into (device id, online)."""
+def encode_status(online: bool, device_id: str, problem: str | None = None) -> bytes:
+    """A device's presence, as small JSON (it is also the MQTT last will).
+
+    `problem` (one of protocol.messages.STATUS_PROBLEMS, e.g. "manifest") says what keeps an
+    online device from taking part; it is written only when set.
+    """
+    status = Status(device_id, online, problem)  # validates
+    fields: dict[str, Any] = {"schema": SCHEMA_VERSION, "device_id": status.device_id,
+                              "online": status.online}
+    if status.problem is not None:
+        fields["problem"] = status.problem
+    return json.dumps(fields).encode()
+
+
+def decode_status(data: bytes) -> Status:
+    """Parse a status message (docs/PROTOCOL.md §2), raising DecodeError if malformed."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"status must be bytes, got {type(data).__name__}")
+    if len(data) > MAX_STATUS_BYTES:
+        raise DecodeError(f"status of {len(data)} bytes exceeds the {MAX_STATUS_BYTES} limit")
+    raw = strict_json(bytes(data), "status")
+    if not isinstance(raw, dict):
+        raise DecodeError("status is not a JSON object")
+    _check_keys(raw, _STATUS_KEYS, frozenset({"problem"}), "status")
+    schema = raw["schema"]
+    if isinstance(schema, bool) or schema != SCHEMA_VERSION or not isinstance(schema, int):
+        raise DecodeError(f"status schema {_show(schema)} is not supported "
+                          f"(expected {SCHEMA_VERSION})")
+    problem = raw.get("problem")
+    if "problem" in raw and not isinstance(problem, str):
+        raise DecodeError(f"status field 'problem' must be a string, got {_show(problem)}")
     try:
-        raw = json.loads(data)
-        return str(raw["device_id"]), bool(raw["online"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DecodeError(f"malformed status message: {exc}") from exc
+        return Status(raw["device_id"], raw["online"], problem)
+    except ValueError as exc:
+        raise DecodeError(f"status field {exc}") from exc

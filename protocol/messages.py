@@ -1,12 +1,128 @@
-"""Typed messages exchanged between devices and the aggregator."""
+"""Typed messages exchanged between devices and the aggregator, and the rules their fields obey.
+
+Every message validates itself on construction (ValueError with a one-line reason), so a
+message that exists satisfies docs/PROTOCOL.md: the codec builds them from untrusted headers and
+turns these errors into DecodeError, and an encoder cannot be handed a message a receiver would
+refuse.
+"""
 
 from __future__ import annotations
 
+import math
 import re
+import uuid
 from dataclasses import dataclass, field
 
 from protocol.quant import check_encoding, check_topk
 from protocol.tensors import TensorDict
+
+# Integers on the wire (round, num_samples, local_steps, task ids) fit a signed 32-bit integer,
+# so every store and every device language holds them without overflow.
+MAX_INT32 = 2**31 - 1
+# A topic segment (federation, device id) in UTF-8; signed frames bound device ids the same way.
+MAX_SEGMENT_BYTES = 255
+MAX_METRICS = 16
+# Metric values are bounded so that sums weighted by capped sample counts stay finite.
+MAX_METRIC_ABS = 1e15
+MAX_SHAPE_RANK = 8
+_LARGEST_FLOAT = 1.7976931348623157e308  # a JSON number beyond it is no float64
+# Problems a device can report in its status (docs/PROTOCOL.md, section 2.1).
+STATUS_PROBLEMS = frozenset({"manifest"})
+
+# update_id and manifest_sha256: short ASCII tokens, safe in logs, SQL and file names.
+_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _show(value: object) -> str:
+    """A short, ASCII, one-line rendering of a value for error messages."""
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_text(value: object, what: str) -> str:
+    """Return `value` if it is a str that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {_show(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {_show(value)} is not encodable as UTF-8") from None
+    return value
+
+
+def check_segment(value: object, what: str) -> str:
+    """A federation or device id: a topic segment of 1-255 UTF-8 bytes without / + # NUL."""
+    text = check_text(value, what)
+    if not text or any(c in text for c in "/+#\0"):
+        raise ValueError(f"{what} {_show(text)} must be non-empty and free of '/', '+', '#', NUL")
+    if len(text.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        raise ValueError(f"{what} {_show(text)} is over {MAX_SEGMENT_BYTES} bytes of UTF-8")
+    return text
+
+
+def check_token(value: object, what: str) -> str:
+    """An update id or manifest hash: 1-64 characters of [A-Za-z0-9_.:-]."""
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(f"{what} must be 1-64 characters of [A-Za-z0-9_.:-], got {_show(value)}")
+    return value
+
+
+def check_int(value: object, what: str, low: int, high: int = MAX_INT32) -> int:
+    """An integer (not a bool, not a float) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be in {low}..{high}, got {_show(value)}")
+    return value
+
+
+def check_bool(value: object, what: str) -> bool:
+    """A JSON boolean."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be a boolean, got {_show(value)}")
+    return value
+
+
+def check_metrics(metrics: object) -> dict[str, float]:
+    """At most 16 metrics, named 1-64 characters of [A-Za-z0-9_.-], finite, |value| <= 1e15."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics must be an object, got {_show(metrics)}")
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{len(metrics)} metrics, over the limit of {MAX_METRICS}")
+    checked = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
+            raise ValueError(f"metric name {_show(name)} must be 1-64 characters of "
+                             "[A-Za-z0-9_.-]")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"metric {name} must be a number, got {_show(value)}")
+        # Compared before any float(): a huge JSON integer must not overflow the conversion.
+        if not (isinstance(value, int) or math.isfinite(value)) or abs(value) > MAX_METRIC_ABS:
+            raise ValueError(f"metric {name} must be finite with |value| <= {MAX_METRIC_ABS:g}, "
+                             f"got {_show(value)}")
+        checked[name] = float(value)
+    return checked
+
+
+def check_shape(shape: object, what: str) -> tuple[int, ...]:
+    """A dense tensor shape: at most 8 sizes in 0..2^31-1."""
+    if not isinstance(shape, list | tuple) or len(shape) > MAX_SHAPE_RANK:
+        raise ValueError(f"{what} must be a list of at most {MAX_SHAPE_RANK} sizes, "
+                         f"got {_show(shape)}")
+    return tuple(check_int(d, f"{what} size", 0) for d in shape)
+
+
+def new_update_id(device_id: str, round_number: int, task: str = "") -> str:
+    """A fresh update id, `<device>[-<task>]-<round>-<12 random hex>`, always a valid token.
+
+    Characters of the device id outside [A-Za-z0-9_.-] become "_", and the device part is cut
+    to 32 characters; the random part keeps ids unique.
+    """
+    slot = f"{device_id}-{task}" if task else device_id
+    prefix = _NOT_TOKEN.sub("_", slot)[:32]
+    return f"{prefix}-{round_number}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +139,13 @@ class TrainConfig:
     update_topk: float | None = None
 
     def __post_init__(self) -> None:
-        if self.local_steps <= 0:
-            raise ValueError(f"local_steps must be positive, got {self.local_steps}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        check_int(self.local_steps, "local_steps", 1)
+        rate = self.learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not (
+                0 < rate <= _LARGEST_FLOAT):
+            raise ValueError(f"learning_rate must be a positive finite number, got {_show(rate)}")
+        if not isinstance(self.update_encoding, str):
+            raise ValueError(f"update_encoding must be a string, got {_show(self.update_encoding)}")
         check_encoding(self.update_encoding)
         check_topk(self.update_topk)
 
@@ -37,9 +156,23 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 def check_task_name(task: str) -> str:
     """Return `task` if it is a valid slot name ("" is the device's only slot); else ValueError."""
+    if not isinstance(task, str):
+        raise ValueError(f"task slot must be a string, got {_show(task)}")
     if task and not _TASK_NAME.fullmatch(task):
-        raise ValueError(f"task slot {task!r} must be 1-32 characters of [A-Za-z0-9_.-]")
+        raise ValueError(f"task slot {_show(task)} must be 1-32 characters of [A-Za-z0-9_.-]")
     return task
+
+
+def check_slot(slot: object) -> str:
+    """A submission slot name: a device id, or `<device>/<task>` (see slot_key)."""
+    text = check_text(slot, "slot")
+    device_id, sep, task = text.partition("/")
+    check_segment(device_id, "slot device id")
+    if sep:
+        if not task:
+            raise ValueError(f"slot {_show(text)} has an empty task name")
+        check_task_name(task)
+    return text
 
 
 def slot_key(device_id: str, task: str = "") -> str:
@@ -81,15 +214,29 @@ class GlobalModel:
     task_classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_segment(self.federation, "federation")
+        check_int(self.round, "round", 0)
+        check_token(self.manifest_sha256, "manifest_sha256")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {_show(self.train)}")
+        check_bool(self.final, "final")
+        if not isinstance(self.assignment, dict):
+            raise ValueError(f"assignment must map slots to clusters, got {_show(self.assignment)}")
+        for slot, cluster in self.assignment.items():
+            check_slot(slot)
+            check_int(cluster, f"assignment of {_show(slot)}", 0)
         bad = {slot: c for slot, c in self.assignment.items()
                if not 0 <= c < len(self.clusters)}
         if bad:
-            raise ValueError(f"assignment names clusters that do not exist: {bad}")
+            raise ValueError(f"assignment names clusters that do not exist: {_show(bad)}")
         if (self.task_classes is None) != (self.task_index is None):
             raise ValueError("task_index and task_classes come together")
-        if self.task_classes is not None and (
-                not self.task_classes or min(self.task_classes) < 0 or self.task_index < 0):
-            raise ValueError("task_classes must be non-empty class ids >= 0, task_index >= 0")
+        if self.task_classes is not None:
+            check_int(self.task_index, "task_index", 0)
+            if not isinstance(self.task_classes, tuple) or not self.task_classes:
+                raise ValueError("task_classes must be a non-empty tuple of class ids")
+            for c in self.task_classes:
+                check_int(c, "task class", 0)
 
     def start_adapter(self, device_id: str, task: str = "") -> TensorDict:
         """The adapter a slot trains from: its FL-TAC cluster's, else the global one."""
@@ -119,6 +266,32 @@ class Update:
     task: str = ""
 
     def __post_init__(self) -> None:
+        check_segment(self.federation, "federation")
+        check_int(self.round, "round", 0)
+        check_segment(self.device_id, "device_id")
+        check_token(self.manifest_sha256, "manifest_sha256")
+        check_int(self.num_samples, "num_samples", 1)
+        check_token(self.update_id, "update_id")
+        check_metrics(self.metrics)
+        check_bool(self.is_delta, "is_delta")
         check_task_name(self.task)
-        if self.num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Device -> aggregator (retained): a device's presence, and what stops it taking part.
+
+    `problem` is None when the device can train, else one of STATUS_PROBLEMS: "manifest" means
+    the device's exported artifacts do not match the global's manifest hash.
+    """
+
+    device_id: str
+    online: bool
+    problem: str | None = None
+
+    def __post_init__(self) -> None:
+        check_segment(self.device_id, "device_id")
+        check_bool(self.online, "online")
+        if self.problem is not None and self.problem not in STATUS_PROBLEMS:
+            raise ValueError(f"status problem must be one of {sorted(STATUS_PROBLEMS)}, "
+                             f"got {_show(self.problem)}")

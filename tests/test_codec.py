@@ -11,10 +11,15 @@ import zstandard
 
 from protocol import codec
 from protocol.codec import DecodeError
-from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.messages import GlobalModel, Status, TrainConfig, Update
 from tests.conftest import make_adapter
 
 SHAPES = {"fc1.lora_A.weight": (4, 16), "fc1.lora_B.weight": (8, 4), "head.bias": (3,)}
+
+
+def _frame(raw: bytes) -> bytes:
+    """A zstd frame as the protocol requires it: with its content checksum."""
+    return zstandard.ZstdCompressor(write_checksum=True).compress(raw)
 
 
 def _update(**overrides: object) -> Update:
@@ -64,12 +69,48 @@ def test_garbage_is_a_decode_error(payload: bytes) -> None:
 
 def test_zstd_of_garbage_is_a_decode_error() -> None:
     with pytest.raises(DecodeError, match="safetensors|header"):
-        codec.decode_update(zstandard.ZstdCompressor().compress(b"\xff" * 100))
+        codec.decode_update(_frame(b"\xff" * 100))
+
+
+def test_every_frame_carries_a_content_checksum() -> None:
+    update = codec.encode_update(_update())
+    plain = codec.encode_global(GlobalModel("f", 0, "h", make_adapter(0, SHAPES)))
+    for payload in (update, plain):
+        assert zstandard.get_frame_parameters(payload).has_checksum
+
+
+def test_frame_without_checksum_is_rejected() -> None:
+    raw = zstandard.ZstdDecompressor().decompress(codec.encode_update(_update()))
+    with pytest.raises(DecodeError, match="checksum"):
+        codec.decode_update(zstandard.ZstdCompressor().compress(raw))
+
+
+def test_trailing_bytes_and_second_frames_are_rejected() -> None:
+    payload = codec.encode_update(_update())
+    skippable = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"abcd"
+    for bad in (payload + b"\0", payload + payload, payload + skippable):
+        with pytest.raises(DecodeError, match="unused data"):
+            codec.decode_update(bad)
+    assert codec.decode_update(payload).update_id == "dev-1-3-x"  # the control
+
+
+def test_flipped_byte_in_the_compressed_body_fails_the_checksum() -> None:
+    payload = codec.encode_update(_update())
+    start = zstandard.frame_header_size(payload)
+    flipped = bytearray(payload)
+    flipped[len(payload) - 1] ^= 0x01  # the last byte: part of the checksum itself
+    with pytest.raises(DecodeError):
+        codec.decode_update(bytes(flipped))
+    for at in range(start, len(payload), max(1, (len(payload) - start) // 40)):
+        flipped = bytearray(payload)
+        flipped[at] ^= 0x10
+        with pytest.raises(DecodeError):
+            codec.decode_update(bytes(flipped))
 
 
 def _raw(metadata: dict[str, str]) -> bytes:
     body = safetensors.numpy.save({"x": np.ones(2, np.float32)}, metadata=metadata)
-    return zstandard.ZstdCompressor().compress(body)
+    return _frame(body)
 
 
 def test_other_schema_version_is_rejected() -> None:
@@ -106,6 +147,15 @@ def test_minimal_valid_header_decodes() -> None:
     ("metrics", {"loss": "high"}), ("num_samples", 0), ("is_delta", "yes"), ("is_delta", None),
     ("encoding", "fp8"), ("encoding", 32), ("encoding", None), ("topk", 0), ("topk", 1.5),
     ("topk", "0.1"), ("topk", True), ("shapes", {"x": [2]}),
+    # ranges and token grammars of PROTOCOL.md section 5
+    ("num_samples", 2**31), ("num_samples", -1), ("num_samples", 10**400), ("round", -1),
+    ("round", 2**31), ("update_id", ""), ("update_id", "a b"), ("update_id", "x" * 65),
+    ("update_id", "caf\u00e9"), ("update_id", "\ud800"), ("device_id", "a/b"),
+    ("device_id", ""), ("device_id", "d" * 256), ("federation", "f+"), ("manifest_sha256", ""),
+    ("metrics", {"loss": 1e300 * 1e300}), ("metrics", {"bad name": 1.0}),
+    ("metrics", {f"m{i}": 1.0 for i in range(17)}), ("metrics", {"loss": 10**400}),
+    ("metrics", {"loss": 2e15}), ("metrics", [1.0]), ("task", ""), ("task", None),
+    ("extra", 1), ("round", {"n": 1}),
 ])
 def test_wrongly_typed_header_fields_are_rejected(field: str, value: object) -> None:
     header = _valid_header(**{field: value})
@@ -113,12 +163,78 @@ def test_wrongly_typed_header_fields_are_rejected(field: str, value: object) -> 
         codec.decode_update(_raw({"schema": "1", "kind": "update", "header": json.dumps(header)}))
 
 
-@pytest.mark.parametrize("field", ["encoding", "topk", "is_delta"])
+@pytest.mark.parametrize("field", ["encoding", "topk", "is_delta", "federation", "round",
+                                   "device_id", "manifest_sha256", "num_samples", "update_id"])
 def test_missing_header_fields_are_rejected(field: str) -> None:
     header = _valid_header()
     del header[field]
     with pytest.raises(DecodeError, match=field):
         codec.decode_update(_raw({"schema": "1", "kind": "update", "header": json.dumps(header)}))
+
+
+def test_header_rules_accept_their_boundaries() -> None:
+    header = _valid_header(num_samples=2**31 - 1, round=2**31 - 1, update_id="a" * 64,
+                           device_id="\u00e9" * 127, metrics={f"m.{i}": -1e15 for i in range(16)})
+    update = codec.decode_update(
+        _raw({"schema": "1", "kind": "update", "header": json.dumps(header)}))
+    assert (update.num_samples, update.round, len(update.metrics)) == (2**31 - 1,) * 2 + (16,)
+    assert update.metrics["m.0"] == -1e15 and update.task == ""
+
+
+@pytest.mark.parametrize("text", [
+    '{"round": 1, "round": 2}',  # duplicate key
+    '{"x": NaN}', '{"x": Infinity}', '{"x": -Infinity}', '{"x": 1e400}',
+    '{"x": "\\ud800"}', '{"\\udfff": 1}',  # lone surrogates, as escapes
+])
+def test_strict_json_refuses_what_the_protocol_forbids(text: str) -> None:
+    with pytest.raises(DecodeError):
+        codec.strict_json(text, "header")
+
+
+def test_header_with_duplicate_keys_is_rejected() -> None:
+    text = json.dumps(_valid_header())[:-1] + ', "num_samples": 6}'
+    with pytest.raises(DecodeError, match="duplicate key"):
+        codec.decode_update(_raw({"schema": "1", "kind": "update", "header": text}))
+
+
+def test_unknown_metadata_key_is_rejected() -> None:
+    header = json.dumps(_valid_header())
+    with pytest.raises(DecodeError, match="metadata"):
+        codec.decode_update(_raw({"schema": "1", "kind": "update", "header": header, "x": "1"}))
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"schema": 1, "device_id": "d", "online": true, "extra": 1}',
+    b'{"schema": 1, "device_id": "d"}',
+    b'{"schema": true, "device_id": "d", "online": true}',
+    b'{"schema": 2, "device_id": "d", "online": true}',
+    b'{"schema": 1, "device_id": "d", "online": 1}',
+    b'{"schema": 1, "device_id": "a/b", "online": true}',
+    b'{"schema": 1, "device_id": "\\ud800", "online": true}',
+    b'{"schema": 1, "device_id": "d", "online": true, "problem": null}',
+    b'{"schema": 1, "device_id": "d", "online": true, "problem": "hungry"}',
+    b'{"schema": 1, "device_id": "d", "online": true, "online": false}',
+    b'[1]', b'\xff', b" " * 5000,
+])
+def test_malformed_status_is_rejected(payload: bytes) -> None:
+    with pytest.raises(DecodeError):
+        codec.decode_status(payload)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("round", -1), ("round", 2**31), ("local_steps", 0), ("local_steps", 2**31),
+    ("learning_rate", 10**400), ("learning_rate", 0), ("final", 1), ("federation", "a/b"),
+    ("manifest_sha256", "\ud800"), ("extra", None), ("task_index", 0),
+])
+def test_global_header_rules(field: str, value: object) -> None:
+    payload = codec.encode_global(GlobalModel("f", 0, "h", make_adapter(0, SHAPES)))
+    metadata = _metadata(payload)
+    header = json.loads(metadata["header"])
+    header[field] = value
+    metadata["header"] = json.dumps(header)
+    tensors = safetensors.numpy.load(zstandard.ZstdDecompressor().decompress(payload))
+    with pytest.raises(DecodeError):
+        codec.decode_global(_frame(safetensors.numpy.save(tensors, metadata=metadata)))
 
 
 def test_oversized_payload_is_rejected_before_decompression() -> None:
@@ -127,16 +243,21 @@ def test_oversized_payload_is_rejected_before_decompression() -> None:
 
 
 def test_decompression_bomb_is_rejected() -> None:
-    bomb = zstandard.ZstdCompressor().compress(b"\0" * (codec.MAX_DECOMPRESSED_BYTES + 1))
+    bomb = _frame(b"\0" * (codec.MAX_DECOMPRESSED_BYTES + 1))
     assert len(bomb) < codec.MAX_PAYLOAD_BYTES
     with pytest.raises(DecodeError, match="decompressed"):
         codec.decode_update(bomb)
 
 
 def test_status_round_trip() -> None:
-    assert codec.decode_status(codec.encode_status(True, "dev-9")) == ("dev-9", True)
+    assert codec.decode_status(codec.encode_status(True, "dev-9")) == Status("dev-9", True, None)
+    assert codec.decode_status(codec.encode_status(False, "dev-9", "manifest")) == Status(
+        "dev-9", False, "manifest")
+    assert b"problem" not in codec.encode_status(True, "dev-9")  # absent unless set
     with pytest.raises(DecodeError):
         codec.decode_status(b"{}")
+    with pytest.raises(ValueError, match="problem"):
+        codec.encode_status(True, "dev-9", "hungry")
 
 
 # -- compact encodings --------------------------------------------------------------------
@@ -195,7 +316,7 @@ def test_encode_update_rejects_bad_encoding_or_topk(
 def _raw_update(tensors: dict[str, np.ndarray], **header: object) -> bytes:
     body = safetensors.numpy.save(tensors, metadata={
         "schema": "1", "kind": "update", "header": json.dumps(_valid_header(**header))})
-    return zstandard.ZstdCompressor().compress(body)
+    return _frame(body)
 
 
 I32, I8, F32 = np.int32, np.int8, np.float32
@@ -269,7 +390,7 @@ def test_global_with_bad_update_settings_is_rejected(field: str, value: object) 
     header = json.loads(metadata["header"])
     header[field] = value
     metadata["header"] = json.dumps(header)
-    bad = zstandard.ZstdCompressor().compress(safetensors.numpy.save(tensors, metadata=metadata))
+    bad = _frame(safetensors.numpy.save(tensors, metadata=metadata))
     with pytest.raises(DecodeError):
         codec.decode_global(bad)
     assert codec.decode_global(payload).train == TrainConfig()  # the unmodified one is fine
@@ -302,7 +423,7 @@ def test_update_with_a_bad_task_slot_is_a_decode_error() -> None:
     for bad in ("x" * 33, "a/b", 3):
         header["task"] = bad
         metadata["header"] = json.dumps(header)
-        forged = zstandard.ZstdCompressor().compress(
+        forged = _frame(
             safetensors.numpy.save(tensors, metadata=metadata))
         with pytest.raises(DecodeError):
             codec.decode_update(forged)
@@ -343,7 +464,7 @@ def test_global_with_bad_cluster_or_task_fields_is_rejected(field: str, value: o
     header[field] = value
     metadata["header"] = json.dumps(header)
     tensors = safetensors.numpy.load(zstandard.ZstdDecompressor().decompress(payload))
-    bad = zstandard.ZstdCompressor().compress(safetensors.numpy.save(tensors, metadata=metadata))
+    bad = _frame(safetensors.numpy.save(tensors, metadata=metadata))
     with pytest.raises(DecodeError):
         codec.decode_global(bad)
     assert codec.decode_global(payload).assignment == {"dev-1": 0}

@@ -73,7 +73,7 @@ def test_rejects_bad_updates_and_averages_good_ones(
     wrong_shape = _adapter_like(initial, 4)
     wrong_shape["head.weight"] = np.zeros((3, 3), np.float32)
     first_a = update("dev-a", good_a, num_samples=100)
-    other_schema = zstandard.ZstdCompressor().compress(safetensors.numpy.save(
+    other_schema = zstandard.ZstdCompressor(write_checksum=True).compress(safetensors.numpy.save(
         {"x": np.ones(2, np.float32)},
         metadata={"schema": "99", "kind": "update", "header": "{}"}))
     oversized = b"\x28\xb5\x2f\xfd" + bytes(codec.MAX_PAYLOAD_BYTES)

@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zstandard
 
 from protocol import codec
-from protocol.messages import GlobalModel, TrainConfig, Update
-from tests.vectors.generate import VECTOR_DIR, build_vectors, describe, to_json
+from protocol.messages import GlobalModel, Status, TrainConfig, Update
+from tests.vectors.generate import VECTOR_DIR, WIRE_KEYS, build_vectors, describe, to_json
 
 NAMES = sorted(path.stem for path in VECTOR_DIR.glob("*.json"))
 UPDATES = [n for n in NAMES if n.startswith("update-")]
+STATUSES = [n for n in NAMES if n.startswith("status-")]
 
 
 def _load(name: str) -> tuple[bytes, dict[str, Any]]:
@@ -31,11 +33,12 @@ def _assert_tensors_equal(decoded: dict[str, np.ndarray], expected: dict[str, An
 
 def test_vector_set_is_complete() -> None:
     # One update per encoding, top-k combined with two of them, a task slot's update, a plain
-    # global, one with every optional field (FL-TAC clusters, task schedule) and a status.
+    # global, one with every optional field (FL-TAC clusters, task schedule), the offline
+    # status (the will) and an online status reporting a problem.
     assert set(NAMES) == {
         "update-fp32", "update-fp16", "update-int8", "update-int8-channel",
         "update-fp32-topk", "update-int8-channel-topk", "update-fp32-task", "global",
-        "global-fltac", "status-offline",
+        "global-fltac", "status-offline", "status-manifest",
     }
     encodings = {json.loads((VECTOR_DIR / f"{n}.json").read_text())["header"]["encoding"]
                  for n in UPDATES}
@@ -61,7 +64,19 @@ def test_vector_body_matches_its_wire_description(name: str) -> None:
     # What a Kotlin or Swift decoder sees after zstd and safetensors, before any dequantising.
     payload, expected = _load(name)
     assert payload[:4] == b"\x28\xb5\x2f\xfd"
-    assert describe(payload) == {k: expected[k] for k in ("metadata", "header", "wire_tensors")}
+    assert describe(payload) == {k: expected[k] for k in WIRE_KEYS}
+    assert expected["frame"] == {"checksum": True}  # every frame carries the content checksum
+
+
+@pytest.mark.parametrize("name", [*UPDATES, "global", "global-fltac"])
+def test_vector_with_a_trailing_byte_or_without_checksum_is_rejected(name: str) -> None:
+    payload, _ = _load(name)
+    decode = codec.decode_global if name.startswith("global") else codec.decode_update
+    with pytest.raises(codec.DecodeError):
+        decode(payload + b"\0")
+    raw = zstandard.ZstdDecompressor().decompress(payload)
+    with pytest.raises(codec.DecodeError, match="checksum"):
+        decode(zstandard.ZstdCompressor().compress(raw))
 
 
 def test_global_vector_decodes_to_its_json() -> None:
@@ -88,10 +103,13 @@ def test_fltac_global_vector_decodes_to_its_json() -> None:
         _assert_tensors_equal(got, want)
 
 
-def test_status_vector_decodes_to_its_json() -> None:
-    payload, expected = _load("status-offline")
+@pytest.mark.parametrize("name", STATUSES)
+def test_status_vector_decodes_to_its_json(name: str) -> None:
+    payload, expected = _load(name)
     assert payload.decode() == expected["text"]
-    assert codec.decode_status(payload) == (expected["device_id"], expected["online"])
+    assert codec.decode_status(payload) == Status(
+        expected["device_id"], expected["online"], expected["problem"])
+    assert ("problem" in json.loads(payload)) == (expected["problem"] is not None)
 
 
 @pytest.mark.parametrize("name", UPDATES)

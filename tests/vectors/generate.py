@@ -41,6 +41,12 @@ UPDATE_VECTORS = {
     "update-fp32-task": ("fp32", None, True),  # an FL-TAC device's update for its slot "t1"
 }
 TASK_OF = {"update-fp32-task": "t1"}
+# name: (online, device id, problem)
+STATUS_VECTORS = {
+    "status-offline": (False, "phone-0", None),  # the will
+    "status-manifest": (True, "phone-1", "manifest"),  # online, artifacts of another model
+}
+WIRE_KEYS = ("frame", "metadata", "header", "wire_tensors")
 _DTYPE_NAMES = {"float32": "F32", "float16": "F16", "int8": "I8", "int32": "I32"}
 
 
@@ -96,12 +102,15 @@ def _nested(array: np.ndarray) -> Any:
 
 
 def describe(payload: bytes) -> dict[str, Any]:
-    """What any decoder must read from a zstd/safetensors payload: metadata and wire tensors."""
-    raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=1 << 20)
+    """What any decoder must read from a zstd/safetensors payload: frame, metadata, tensors."""
+    # Exactly one frame and nothing after it; zstd checks the content checksum when present.
+    raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=1 << 20,
+                                                  allow_extra_data=False)
     length = int.from_bytes(raw[:8], "little")
     metadata = json.loads(raw[8 : 8 + length])["__metadata__"]
     wire = safetensors.numpy.load(raw)
     return {
+        "frame": {"checksum": zstandard.get_frame_parameters(payload).has_checksum},
         "metadata": {"schema": metadata["schema"], "kind": metadata["kind"]},
         "header": json.loads(metadata["header"]),
         "wire_tensors": {
@@ -136,11 +145,12 @@ def build_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
         "clusters": [{k: _nested(v) for k, v in sorted(c.items())}
                      for c in decoded_global.clusters],
     })
-    status = codec.encode_status(False, "phone-0")
-    vectors["status-offline"] = (status, {
-        "kind": "status", "file": "status-offline.bin", "text": status.decode(),
-        "device_id": "phone-0", "online": False,
-    })
+    for name, (online, device_id, problem) in STATUS_VECTORS.items():
+        status = codec.encode_status(online, device_id, problem)
+        vectors[name] = (status, {
+            "kind": "status", "file": f"{name}.bin", "text": status.decode(),
+            "device_id": device_id, "online": online, "problem": problem,
+        })
     return vectors
 
 
@@ -162,7 +172,7 @@ def _same_content(path: Path, expected: dict[str, Any]) -> bool:
     payload = path.read_bytes()
     if expected["kind"] == "status":
         return payload.decode() == expected["text"]
-    return describe(payload) == {k: expected[k] for k in ("metadata", "header", "wire_tensors")}
+    return describe(payload) == {k: expected[k] for k in WIRE_KEYS}
 
 
 def main() -> None:
