@@ -45,3 +45,6 @@ class GatewaySnapshot:
     # "max_epsilon": ...}; for exact aggregation the residual's rank and truncation error.
     family: dict[str, Any] = field(default_factory=dict)
     history: tuple[RoundSummary, ...] = ()
+    # TLS certificate identity (ca, broker, aggregator, device ids) -> ISO 8601 expiry, from
+    # edgefl.gateway.certificate_expiry; empty without a gateway folder.
+    certificates: dict[str, str] = field(default_factory=dict)

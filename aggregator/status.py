@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
@@ -180,6 +181,7 @@ class StatusServer:
             "history": [dict(dataclasses.asdict(h), num_devices=len(h.devices))
                         for h in s.history],
             "family": dict(s.family),
+            "certificates": dict(s.certificates),
         })
 
 
@@ -228,6 +230,7 @@ class _StatusCollector(Collector):
                 metrics.add_metric([name], value)
             yield metrics
         yield from _family_metrics(snap.family)
+        yield from _certificate_metrics(snap.certificates)
         yield GaugeMetricFamily("edgefl_broker_connected", "1 while the MQTT link is up.",
                                 value=int(s["connected"]))
 
@@ -246,6 +249,23 @@ def _family_metrics(family: dict[str, Any]) -> Iterator[Metric]:
         value = _number(family, key)
         if value is not None:
             yield GaugeMetricFamily(name, documentation, value=value)
+
+
+def _certificate_metrics(certificates: dict[str, str]) -> Iterator[Metric]:
+    """One expiry gauge per TLS certificate identity; unreadable dates are left out."""
+    expiry = GaugeMetricFamily("edgefl_certificate_expiry_timestamp_seconds",
+                               "When each gateway TLS certificate expires (Unix time).",
+                               labels=["identity"])
+    for identity, iso in sorted(certificates.items()):
+        try:
+            when = dt.datetime.fromisoformat(iso)
+        except (TypeError, ValueError):
+            continue
+        if when.tzinfo is None:  # certificate_expiry writes UTC offsets; assume UTC otherwise
+            when = when.replace(tzinfo=dt.UTC)
+        expiry.add_metric([identity], when.timestamp())
+    if expiry.samples:
+        yield expiry
 
 
 class _Server(ThreadingHTTPServer):

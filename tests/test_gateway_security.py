@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import logging
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import transport.mqtt as mqtt_module
+from edgefl.certificates import CLOCK_SKEW
 from edgefl.gateway import (
     AGGREGATOR_ID,
     GatewayFiles,
@@ -31,6 +36,8 @@ from transport.mqtt import Message, MqttTransport, TlsFiles, TransportError
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DEVICES = ["dev-a", "dev-b"]
 QUIET_S = 1.0  # how long "nothing arrives" is watched; the broker delivers in milliseconds
+# Mosquitto's default autosave is every 30 min; the gateway's config saves after each change.
+PERSIST_WAIT_S = 1.0
 
 
 @pytest.fixture()
@@ -43,24 +50,36 @@ def gateway_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def start_broker(files: GatewayFiles) -> subprocess.Popen[bytes]:
+    """Mosquitto with the gateway's generated config, logging beside the folder; listening."""
+    if not Path(MOSQUITTO).exists():
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto")
+    with open(files.out_dir / "mosquitto.log", "ab") as log:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(files.mosquitto_conf)],
+                                stdout=log, stderr=log)
+    wait_for_port(files.host, files.port, 10)
+    return proc
+
+
+def stop_broker(proc: subprocess.Popen[bytes]) -> None:
+    """Stop Mosquitto cleanly (it saves its database), killing it if it hangs."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture()
 def gateway(gateway_dir: Path) -> Iterator[GatewayFiles]:
     """A provisioned gateway whose Mosquitto runs with the generated config on a free port."""
-    if not Path(MOSQUITTO).exists():
-        pytest.fail("mosquitto is not installed: apt-get install mosquitto")
     files = init_gateway(gateway_dir, DEVICES, port=free_port())
-    log = open(gateway_dir / "mosquitto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(files.mosquitto_conf)], stdout=log, stderr=log)
+    proc = start_broker(files)
     try:
-        wait_for_port(files.host, files.port, 10)
         yield files
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_broker(proc)
 
 
 @pytest.fixture()
@@ -73,6 +92,27 @@ def _client(files: GatewayFiles, identity: str, **kw: object) -> MqttTransport:
                               tls=files.tls_for(identity), **kw)  # type: ignore[arg-type]
     transport.start()
     return transport
+
+
+def _persistent(files: GatewayFiles, identity: str, client_id: str) -> MqttTransport:
+    """A connected client with a persistent session, as the aggregator's."""
+    transport = MqttTransport(files.host, files.port, client_id, persistent_session=True,
+                              tls=files.tls_for(identity))
+    transport.start()
+    return transport
+
+
+def _subscribed(subscriber: MqttTransport, topic_filter: str, publisher: MqttTransport,
+                topic: str) -> None:
+    """Subscribe, and return once a probe on `topic` arrives: the broker holds the filter."""
+    subscriber.subscribe(topic_filter)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        publisher.publish(topic, b"probe")
+        if (message := subscriber.receive(0.5)) is not None and message.payload == b"probe":
+            _drain(subscriber, 0.2)  # later probes
+            return
+    raise AssertionError(f"subscription to {topic_filter} never took effect")
 
 
 def _drain(transport: MqttTransport, wait_s: float = QUIET_S) -> list[Message]:
@@ -112,11 +152,18 @@ def test_init_writes_private_keys_0600_and_a_valid_chain(gateway_dir: Path) -> N
     for device_id, path in files.signing_keys.items():
         assert public_key_bytes(registry[device_id]) == public_key_bytes(load_private_key(path))
 
-    conf = files.mosquitto_conf.read_text()
+    conf = files.mosquitto_conf.read_text().splitlines()
     for line in ("allow_anonymous false", "require_certificate true",
-                 "use_identity_as_username true", f"acl_file {files.acl_file}",
+                 "use_identity_as_username true", "use_username_as_clientid true",
+                 f"acl_file {files.acl_file}", f"crlfile {files.crl_file}",
+                 "autosave_on_changes true", "autosave_interval 1",
                  "listener 8883 gw.example.lan"):
-        assert line in conf.splitlines()
+        assert line in conf, line
+    # the client-id and CRL options are listener options: they must follow `listener`
+    listener = conf.index("listener 8883 gw.example.lan")
+    assert conf.index("use_username_as_clientid true") > listener
+    assert conf.index(f"crlfile {files.crl_file}") > listener
+    assert list(x509.load_pem_x509_crl(files.crl_file.read_bytes())) == []
     acl = files.acl_file.read_text().splitlines()
     assert "pattern write fl/v1/+/update/%u" in acl and "pattern read fl/v1/+/global" in acl
     assert acl[acl.index(f"user {AGGREGATOR_ID}") + 1:] == [
@@ -125,11 +172,28 @@ def test_init_writes_private_keys_0600_and_a_valid_chain(gateway_dir: Path) -> N
 
 
 @pytest.mark.parametrize("devices", [["a/b"], ["+"], ["%u"], ["../x"], [""], ["a\n"], ["x" * 65],
-                                     [AGGREGATOR_ID], ["dup", "dup"]])
+                                     [AGGREGATOR_ID], ["broker"], ["ca"], ["dup", "dup"]])
 def test_init_rejects_unsafe_device_ids(gateway_dir: Path, devices: list[str]) -> None:
     with pytest.raises(ValueError):
         init_gateway(gateway_dir, devices)
     assert not (gateway_dir / "ca" / "ca.key").exists()
+
+
+def test_certificates_are_valid_from_a_day_before_issue(gateway_dir: Path) -> None:
+    # A device whose clock lags by minutes or hours (no RTC, no NTP yet) must still accept the
+    # broker's certificate, and the broker a device's.
+    files = init_gateway(gateway_dir, DEVICES, days=30)
+    now = dt.datetime.now(dt.UTC)
+    assert CLOCK_SKEW >= dt.timedelta(days=1)
+    paths = [files.ca_cert, files.broker_cert, *(files.tls_for(i).cert
+                                                  for i in (AGGREGATOR_ID, *DEVICES))]
+    for path in paths:
+        assert path is not None
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        assert cert.not_valid_before_utc <= now - dt.timedelta(days=1), path
+        if path != files.ca_cert:  # --days sets the leaves' lifetime
+            lifetime = cert.not_valid_after_utc - now
+            assert dt.timedelta(days=29) < lifetime <= dt.timedelta(days=30), path
 
 
 def test_init_refuses_to_overwrite_a_gateway(gateway_dir: Path) -> None:
@@ -175,11 +239,14 @@ def test_updates_and_status_reach_the_aggregator_and_its_global_reaches_devices(
     for device in (device_a, device_b):
         message = device.receive(5)
         assert message is not None and message.payload == b"global-1"
-    late = _client(gateway, "dev-b")  # a device joining later gets the retained global
+    # dev-b coming back later gets the retained global. (A second connection with the same
+    # certificate would replace the first: the client id is the certificate's CN.)
+    device_b.stop()
+    late = _client(gateway, "dev-b")
     late.subscribe(topics.global_topic(fed))
     message = late.receive(5)
     assert message is not None and message.payload == b"global-1"
-    for transport in (aggregator, device_a, device_b, late):
+    for transport in (aggregator, device_a, late):
         transport.stop()
 
 
@@ -252,3 +319,97 @@ def test_client_refuses_a_broker_certificate_from_another_ca(
                               tls=TlsFiles(other.ca_cert, device.cert, device.key))
     with pytest.raises(TransportError):
         transport.start()
+
+
+# -- client ids are certificate identities -----------------------------------------------------
+def _client_id(fed: str, identity: str) -> str:
+    """The client id `edgefl aggregator` and `edgefl client` ask for."""
+    return f"aggregator-{fed}" if identity == AGGREGATOR_ID else f"{fed}-{identity}"
+
+
+@pytest.mark.parametrize("victim", [AGGREGATOR_ID, "dev-b"])
+def test_a_device_cannot_kick_another_identity_off_with_its_client_id(
+        gateway: GatewayFiles, fed: str, victim: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the victim connected with the client id our commands use
+    monkeypatch.setattr(mqtt_module, "CONNECT_TIMEOUT_S", 5.0)
+    client_id = _client_id(fed, victim)
+    target = _persistent(gateway, victim, client_id)
+
+    # Execute: dev-a, with its own valid certificate, connects under that client id again
+    # and again (before the fix, each attempt closed the victim's connection)
+    with caplog.at_level(logging.WARNING, logger="transport.mqtt"):
+        for _ in range(3):
+            intruder = MqttTransport(gateway.host, gateway.port, client_id,
+                                     tls=gateway.tls_for("dev-a"))
+            intruder.start()
+            time.sleep(0.3)
+            intruder.stop()
+        time.sleep(QUIET_S)
+
+    # Assert: the victim never lost its connection
+    lost = [r.getMessage() for r in caplog.records if "lost the broker" in r.getMessage()]
+    assert lost == [] and target.connected
+    target.stop()
+
+
+@pytest.mark.parametrize("victim", [AGGREGATOR_ID, "dev-b"])
+def test_a_clean_start_under_another_identitys_client_id_keeps_its_session(
+        gateway: GatewayFiles, fed: str, victim: str) -> None:
+    # Prepare: the victim subscribes with a persistent session and goes away; three QoS 1
+    # messages (not retained: only the session can bring them back) are queued for it
+    if victim == AGGREGATOR_ID:  # dev-b's updates queue for the aggregator
+        sender_id, topic_filter = "dev-b", topics.update_filter(fed)
+        topic = topics.update_topic(fed, "dev-b")
+    else:  # globals queue for dev-b
+        sender_id, topic_filter = AGGREGATOR_ID, topics.global_topic(fed)
+        topic = topics.global_topic(fed)
+    sender = _client(gateway, sender_id)
+    away = _persistent(gateway, victim, _client_id(fed, victim))
+    _subscribed(away, topic_filter, sender, topic)
+    away.stop()
+    for i in range(3):
+        sender.publish(topic, f"queued-{i}".encode())
+
+    # Execute: dev-a connects under the victim's client id with a clean start, which would
+    # discard the session of whoever holds that client id
+    intruder = MqttTransport(gateway.host, gateway.port, _client_id(fed, victim),
+                             tls=gateway.tls_for("dev-a"))
+    intruder.start()
+    intruder.stop()
+    back = _persistent(gateway, victim, _client_id(fed, victim))
+
+    # Assert: the victim's session, and the messages queued in it, are still there
+    assert [m.payload for m in _drain(back)] == [b"queued-0", b"queued-1", b"queued-2"]
+    for transport in (sender, back):
+        transport.stop()
+
+
+# -- persistence ---------------------------------------------------------------------------------
+def test_messages_queued_for_the_aggregator_survive_a_broker_crash(
+        gateway_dir: Path, fed: str) -> None:
+    # Prepare: the aggregator's persistent session holds three updates sent while it was away
+    files = init_gateway(gateway_dir, DEVICES, port=free_port())
+    broker = start_broker(files)
+    try:
+        device = _client(files, "dev-a")
+        away = _persistent(files, AGGREGATOR_ID, _client_id(fed, AGGREGATOR_ID))
+        _subscribed(away, topics.update_filter(fed), device, topics.update_topic(fed, "dev-a"))
+        away.stop()
+        for i in range(3):
+            device.publish(topics.update_topic(fed, "dev-a"), f"update-{i}".encode())
+        device.stop()
+
+        # Execute: shortly after, the broker dies without saving (power cut, OOM kill) and
+        # comes back with the same configuration
+        time.sleep(PERSIST_WAIT_S)
+        broker.send_signal(signal.SIGKILL)
+        broker.wait()
+        broker = start_broker(files)
+        back = _persistent(files, AGGREGATOR_ID, _client_id(fed, AGGREGATOR_ID))
+
+        # Assert
+        assert [m.payload for m in _drain(back)] == [b"update-0", b"update-1", b"update-2"]
+        back.stop()
+    finally:
+        stop_broker(broker)

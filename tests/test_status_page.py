@@ -8,6 +8,7 @@ one test runs a real federation and serves `coordinator.snapshot`.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import math
 import re
@@ -153,6 +154,7 @@ def test_api_status_is_the_snapshot_as_json(server: StatusServer) -> None:
              "closed_at": 1_700_000_003.0},
         ],
         "family": {"epsilon": 1.75, "delta": 1e-5, "max_epsilon": 8.0},
+        "certificates": {},
     }
     assert "NaN" not in body and "Infinity" not in body
 
@@ -229,6 +231,37 @@ def test_metrics_carry_the_residual_gauges_and_no_empty_metric_family(
     assert samples[("edgefl_residual_truncation_error", ())] == 0.25
     assert "edgefl_dp_epsilon" not in body
     assert "edgefl_last_round_metric" not in body
+
+
+def _certificates(now: dt.datetime) -> dict[str, str]:
+    """Expiries as certificate_expiry writes them: two far off, one soon, one past."""
+    days = {"ca": 3000, "aggregator": 400, "dev-a": 10, "dev-b": -2}
+    return {identity: (now + dt.timedelta(days=d)).isoformat() for identity, d in days.items()}
+
+
+def test_certificate_expiry_is_in_the_json_and_one_gauge_per_identity(
+        feed: Feed, server: StatusServer) -> None:
+    # Prepare: a malformed date (the field is free text) is left out of the gauges
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    certificates = _certificates(now)
+    feed.current = dataclasses.replace(SNAPSHOT,
+                                       certificates={**certificates, "broker": "soon"})
+
+    # Execute
+    state = json.loads(_get(server.url + "api/status")[2])
+    samples = _samples(_get(server.url + "metrics")[2])
+
+    # Assert
+    assert state["certificates"] == {**certificates, "broker": "soon"}
+    gauges = {dict(labels)["identity"]: value for (name, labels), value in samples.items()
+              if name == "edgefl_certificate_expiry_timestamp_seconds"}
+    assert gauges == {identity: dt.datetime.fromisoformat(iso).timestamp()
+                      for identity, iso in certificates.items()}
+    assert gauges["dev-a"] == pytest.approx(now.timestamp() + 10 * 86400)
+
+
+def test_no_certificate_gauge_without_certificates(server: StatusServer) -> None:
+    assert "edgefl_certificate_expiry" not in _get(server.url + "metrics")[2]
 
 
 def test_dp_budget_gauge_is_left_out_when_there_is_no_budget(feed: Feed,
@@ -370,6 +403,32 @@ def test_dp_status_page_renders_in_headless_chromium(server: StatusServer,
     assert len(re.findall(r'<circle [^>]*class="point"', loss)) == 2
     assert "<td>malformed</td><td>2</td>" in dom and "<td>stale</td><td>1</td>" in dom
     assert "<td>dev-a</td>" in dom and "<td>dev-b</td>" in dom and "<td>dev-c</td>" not in dom
+    # no certificates in this snapshot: their table stays hidden
+    assert re.search(r'<section id="certificates-section" hidden(="")?>', dom)
+
+
+def test_status_page_lists_certificates_and_highlights_those_expiring_soon(
+        feed: Feed, server: StatusServer, tmp_path: Path) -> None:
+    # Prepare
+    now = dt.datetime.now(dt.UTC)
+    feed.current = dataclasses.replace(SNAPSHOT, certificates=_certificates(now))
+
+    # Execute
+    dom = _render(server.url, tmp_path)
+
+    # Assert: sorted by identity; within 30 days (or expired) is highlighted, the rest is not
+    assert re.search(r'<span id="error"></span>', dom), "the page reported a fetch error"
+    assert '<section id="certificates-section">' in dom
+    table = re.search(r'<tbody id="certificates">(.*?)</tbody>', dom, re.S)
+    assert table
+    rows = re.findall(r"<tr( class=\"expiring\")?><td>([^<]*)</td><td>([^<]*)</td>"
+                      r"<td>([^<]*)</td></tr>", table[1])
+    assert [(identity, bool(marked)) for marked, identity, _, _ in rows] == [
+        ("aggregator", False), ("ca", False), ("dev-a", True), ("dev-b", True)]
+    days_left = {identity: left for _, identity, _, left in rows}
+    assert days_left["dev-b"] == "expired" and int(days_left["dev-a"]) in (9, 10)
+    expires = {identity: date for _, identity, date, _ in rows}
+    assert expires["aggregator"] == (now + dt.timedelta(days=400)).date().isoformat()
 
 
 def test_exact_status_page_shows_the_residual_and_no_metric_charts(

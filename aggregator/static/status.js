@@ -3,6 +3,8 @@
 // so nothing received is ever parsed as HTML (and the page's CSP allows no inline script).
 "use strict";
 const REFRESH_MS = 3000;  // how often the page polls api/status
+const EXPIRY_WARN_DAYS = 30;  // certificates expiring sooner than this are highlighted
+const DAY_MS = 86400000;
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 function el(tag, attrs, text) {
@@ -64,11 +66,13 @@ function chart(id, rounds, values, kind, lo, hi) {
     svg.appendChild(dot);
   }
 }
-function fill(id, items) {
+// Table rows of text cells; `classes[i]`, when given, is row i's class.
+function fill(id, items, classes) {
   const box = $(id);
   box.replaceChildren();
-  for (const cells of items) {
+  for (const [i, cells] of items.entries()) {
     const row = document.createElement("tr");
+    if (classes && classes[i]) row.className = classes[i];
     for (const c of cells) {
       const td = document.createElement("td");
       td.textContent = c;
@@ -113,6 +117,22 @@ function renderFamily(f) {
     $("residual-detail").textContent = detail.join(" \u00b7 ");
   }
 }
+// identity -> ISO expiry: the date, the days left by this browser's clock, and a highlight
+// for those expiring within EXPIRY_WARN_DAYS (or already expired, or unreadable).
+function renderCertificates(certificates) {
+  const entries = Object.entries(certificates).sort();
+  $("certificates-section").hidden = !entries.length;
+  const rows = [], classes = [];
+  for (const [identity, iso] of entries) {
+    const when = Date.parse(iso);
+    const days = Math.floor((when - Date.now()) / DAY_MS);
+    const known = Number.isFinite(days);
+    rows.push([identity, known ? new Date(when).toISOString().slice(0, 10) : String(iso),
+               !known ? "\u2013" : days < 0 ? "expired" : String(days)]);
+    classes.push(!known || days < EXPIRY_WARN_DAYS ? "expiring" : "");
+  }
+  fill("certificates", rows, classes);
+}
 function render(s) {
   $("federation").textContent = s.federation;
   $("round").textContent = s.round;
@@ -127,6 +147,7 @@ function render(s) {
   renderFamily(s.family || {});
   fill("online", s.online.map((d) => [d]));
   fill("rejections", Object.entries(s.rejections).sort().map(([k, v]) => [k, v]));
+  renderCertificates(s.certificates || {});
   chart("chart-bytes", s.history.map((h) => h.round), s.history.map((h) => h.bytes_received),
         "bar", 0, null);
   metricChart(s, "train_accuracy", "figure-accuracy", "chart-accuracy", 0, 1);
