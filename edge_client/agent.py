@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from edge_client.data import LocalTask
 from edge_client.trainer import Trainer, train_local
 from protocol import topics
 from protocol.codec import DecodeError, decode_global, encode_status, encode_update
-from protocol.messages import GlobalModel, TrainConfig, Update, check_task_name
+from protocol.messages import GlobalModel, TrainConfig, Update, check_task_name, new_update_id
 from protocol.signing import sign_payload
 from protocol.tensors import TensorDict, is_personal, shared
 from transport import Transport, TransportError
@@ -90,7 +89,11 @@ class DeviceAgent:
         self.state_path = Path(state_dir) / f"{device_id}.json" if state_dir else None
         self.pending_path = Path(state_dir) / f"{device_id}.pending" if state_dir else None
         self.state = DeviceState.load(self.state_path)
+        # This round's update(s), kept until a later round's global shows the round closed.
         self.pending = self._load_pending()
+        self._acked = 0  # pending payloads the broker has acked since the last (re)send
+        self.problem: str | None = None  # what keeps us from training, as our status says
+        self._status_published = False
         self.rng = np.random.default_rng(seed)
         self.signing_key = signing_key
         self.personal_path = Path(state_dir) / f"{device_id}.personal.safetensors" if state_dir \
@@ -121,9 +124,7 @@ class DeviceAgent:
     def handle_global(self, message: GlobalModel) -> list[Update]:
         """Train on one global message; return one update per local task (none: nothing to do)."""
         if message.manifest_sha256 != self.trainer.manifest.sha256:
-            logger.error("%s: global adapter is for another model version (%s); skipping",
-                         self.device_id, message.manifest_sha256[:12])
-            return []
+            return []  # run() reports it, once, on the status topic and in the log
         if message.final or message.round <= self.state.last_round:
             return []
         if not self._prepare(message):
@@ -185,13 +186,16 @@ class DeviceAgent:
         compact = message.train.update_encoding != "fp32" or message.train.update_topk
         if compact:
             adapter = {k: v - start[k] for k, v in adapter.items()}
-        slot = f"{self.device_id}-{task.name}" if task.name else self.device_id
+        metrics = {"train_loss": result.mean_loss, "train_accuracy": result.accuracy}
+        if not all(np.isfinite(list(metrics.values()))):  # diverged: the protocol wants finite
+            logger.warning("%s: training of slot %r diverged (%s); sitting round %d out",
+                           self.device_id, task.name, metrics, message.round)
+            return None
         return Update(
             federation=self.federation, round=message.round, device_id=self.device_id,
             manifest_sha256=self.trainer.manifest.sha256, num_samples=result.samples,
-            update_id=f"{slot}-{message.round}-{uuid.uuid4().hex[:12]}",
-            adapter=adapter, is_delta=bool(compact), task=task.name,
-            metrics={"train_loss": result.mean_loss, "train_accuracy": result.accuracy},
+            update_id=new_update_id(self.device_id, message.round, task.name),
+            adapter=adapter, is_delta=bool(compact), task=task.name, metrics=metrics,
         )
 
     def encode(self, update: Update, train: TrainConfig) -> bytes:
@@ -215,10 +219,10 @@ class DeviceAgent:
         save_file(self.personal, str(tmp))
         tmp.replace(self.personal_path)
 
-    # -- unsent updates survive restarts and outages --------------------------------------
+    # -- a round's update is kept (surviving restarts and outages) until the round closes ---
     def _save_pending(self, round_number: int, payloads: list[bytes]) -> None:
-        """Keep a round's unsent payloads (one per task slot), atomically on disk."""
-        self.pending = (round_number, list(payloads))
+        """Keep a round's payloads (one per task slot) to send, atomically on disk."""
+        self.pending, self._acked = (round_number, list(payloads)), 0
         if self.pending_path is not None:
             self.pending_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.pending_path.with_suffix(".tmp")
@@ -240,81 +244,126 @@ class DeviceAgent:
         return round_number, payloads
 
     def _clear_pending(self) -> None:
-        self.pending = None
+        self.pending, self._acked = None, 0
         if self.pending_path is not None:
             self.pending_path.unlink(missing_ok=True)
 
-    def flush_pending(self, open_round: int | None) -> bool:
-        """Send the unsent update if its round is still open; drop it if the round closed.
+    def note_round(self, round_number: int) -> None:
+        """A global of `round_number` arrived: resend the kept update if that round is still
+        open, forget it once a later round is."""
+        if self.pending is None:
+            return
+        kept_round, payloads = self.pending
+        if round_number == kept_round:
+            # A broker crash loses the updates it had queued; the aggregator republishes the
+            # open round's global, so sending again on each copy delivers ours eventually
+            # (same update_id: the aggregator drops the copies it already counted).
+            self._acked = 0
+        elif round_number > kept_round:
+            if self._acked < len(payloads):
+                logger.warning("%s: dropping the unsent update of round %d: round %d is open",
+                               self.device_id, kept_round, round_number)
+            self._clear_pending()
+        # An earlier round's global (say, an old retained copy on a restored broker) changes
+        # nothing: our round is not closed.
 
-        Returns True when nothing is left pending.
-        """
+    def flush_pending(self) -> bool:
+        """Send the kept payloads the broker has not acked yet; True when none is left to send."""
         if self.pending is None:
             return True
         round_number, payloads = self.pending
-        if open_round is not None and open_round != round_number:
-            logger.warning("%s: dropping the unsent update of round %d: round %d is open",
-                           self.device_id, round_number, open_round)
-            self._clear_pending()
-            return True
-        while payloads:
-            if not self.transport.connected:
+        while self._acked < len(payloads):
+            if not self.transport.connected:  # publishing while paho reconnects can hang it
                 return False
             try:
                 self.transport.publish(topics.update_topic(self.federation, self.device_id),
-                                       payloads[0], qos=1)
+                                       payloads[self._acked], qos=1)
             except TransportError as exc:
                 logger.warning("%s: update of round %d not sent yet (%s); kept on disk",
                                self.device_id, round_number, exc)
                 return False
-            # What is sent leaves the file: a crash now resends only the rest.
-            payloads = payloads[1:]
-            self._save_pending(round_number, payloads)
-        self._clear_pending()
+            self._acked += 1
         return True
+
+    # -- status: online, and anything that keeps us from training ---------------------------
+    def _check_model(self, message: GlobalModel) -> bool:
+        """Whether the global is for our model version; say so when that changes."""
+        ours = self.trainer.manifest.sha256
+        problem = None if message.manifest_sha256 == ours else "manifest"
+        if problem != self.problem:
+            if problem is not None:
+                logger.error("%s: the global is for another model version (manifest %s, ours "
+                             "%s): not training until this device gets matching artifacts",
+                             self.device_id, message.manifest_sha256[:12], ours[:12])
+            else:
+                logger.warning("%s: the global matches our model version again; training",
+                               self.device_id)
+            self.problem, self._status_published = problem, False
+        self._publish_status()
+        return problem is None
+
+    def _publish_status(self) -> None:
+        """Publish our retained status (online, with any problem) unless already done."""
+        if self._status_published or not self.transport.connected:
+            return  # never publish while paho reconnects; the next global tries again
+        try:
+            self.transport.publish(topics.status_topic(self.federation, self.device_id),
+                                   encode_status(True, self.device_id, problem=self.problem),
+                                   qos=1, retain=True)
+        except TransportError as exc:
+            logger.warning("%s: status not published yet (%s)", self.device_id, exc)
+            return
+        self._status_published = True
 
     def run(self, stop: threading.Event | None = None) -> int:
         """Connect, announce, and serve rounds until the final global message; return rounds."""
         stop = stop or threading.Event()
         self.transport.start()
         self.transport.subscribe(topics.global_topic(self.federation), qos=1)
-        self.transport.publish(topics.status_topic(self.federation, self.device_id),
-                               encode_status(True, self.device_id), qos=1, retain=True)
-        open_round: int | None = None
+        self._publish_status()
         try:
             while not stop.is_set():
                 message = self._latest_global()
-                if message is not None:
-                    open_round = None if message.final else message.round
-                self.flush_pending(open_round if message is not None else None)
                 if message is None:
+                    self.flush_pending()  # whatever the broker has not acked yet
                     continue
-                if message.final:
+                if message.final:  # nothing kept can count any more
+                    self._clear_pending()
                     logger.info("%s: federation finished at round %d", self.device_id,
                                 message.round)
                     break
-                updates = self.handle_global(message)
-                if not updates:
+                if not self._check_model(message):
                     continue
-                # On disk before the first send attempt: a crash or an outage from here on
-                # still delivers this round's work once the device is back, if it still counts.
-                self._save_pending(message.round, [self.encode(u, message.train) for u in updates])
-                self.state.last_round = message.round
-                self.state.save(self.state_path)
-                self.rounds_trained += 1
-                sent = self.flush_pending(message.round)
-                logger.info("%s (%s): %s round %d update(s), loss %s", self.device_id,
-                            self.trainer.backend, "sent" if sent else "queued", message.round,
-                            ", ".join(f"{u.metrics['train_loss']:.3f}" for u in updates))
+                self.note_round(message.round)
+                self.flush_pending()  # the open round's update again, if we hold one
+                self._serve(message)
         finally:
             # Clean shutdown: say offline ourselves (the will only fires on a lost connection).
-            try:
-                self.transport.publish(topics.status_topic(self.federation, self.device_id),
-                                       encode_status(False, self.device_id), qos=1, retain=True)
-            except Exception as exc:  # broker already gone: the will covers it
-                logger.debug("%s: could not publish offline status: %s", self.device_id, exc)
+            if self.transport.connected:
+                try:
+                    self.transport.publish(topics.status_topic(self.federation, self.device_id),
+                                           encode_status(False, self.device_id), qos=1,
+                                           retain=True)
+                except Exception as exc:  # broker already gone: the will covers it
+                    logger.debug("%s: could not publish offline status: %s", self.device_id, exc)
             self.transport.stop()
         return self.rounds_trained
+
+    def _serve(self, message: GlobalModel) -> None:
+        """Train on a new round's global and send (or keep, to send later) the update(s)."""
+        updates = self.handle_global(message)
+        if not updates:
+            return
+        # On disk before the first send attempt: a crash or an outage from here on still
+        # delivers this round's work once the device is back, if the round is still open.
+        self._save_pending(message.round, [self.encode(u, message.train) for u in updates])
+        self.state.last_round = message.round
+        self.state.save(self.state_path)
+        self.rounds_trained += 1
+        sent = self.flush_pending()
+        logger.info("%s (%s): %s round %d update(s), loss %s", self.device_id,
+                    self.trainer.backend, "sent" if sent else "queued", message.round,
+                    ", ".join(f"{u.metrics['train_loss']:.3f}" for u in updates))
 
 
 def device_seed(device_id: str) -> int:

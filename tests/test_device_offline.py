@@ -1,7 +1,9 @@
-"""Devices survive crashes and broker outages: unsent updates are kept on disk and delivered."""
+"""Devices survive crashes and broker outages (unsent updates are kept on disk and delivered),
+and say on their retained status when they cannot take part."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from aggregator.store import GlobalStore
 from edge_client.agent import DeviceAgent
 from edge_client.data import device_partitions
 from edge_client.trainer import make_trainer
-from protocol import codec
+from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import GlobalModel, TrainConfig
 from transport.broker import Broker
@@ -79,7 +81,9 @@ def test_update_of_a_closed_round_is_dropped(mosquitto: Broker, cnn_artifacts: P
                                              tmp_path: Path) -> None:
     agent = _agent(mosquitto, cnn_artifacts, tmp_path, 0)
     agent._save_pending(2, [b"old bytes"])
-    assert agent.flush_pending(open_round=3) is True
+    agent.note_round(1)  # an older global (say, an old retained copy) closes nothing
+    assert agent.pending is not None and agent.pending_path.exists()
+    agent.note_round(3)
     assert agent.pending is None and not agent.pending_path.exists()
 
 
@@ -116,3 +120,51 @@ def test_round_completes_across_a_broker_restart(cnn_artifacts: Path, tmp_path: 
         pytest.fail("the federation did not finish after the broker came back")
     assert [r.devices for r in result] == [("dev0", "dev1"), ("dev0", "dev1")]
     assert [a.rounds_trained for a in agents] == [2, 2]
+
+
+def test_device_with_other_artifacts_says_so_once_on_its_status(
+    mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a device, a watcher of its retained status, and a stand-in gateway's globals
+    caplog.set_level(logging.INFO, logger="edge_client.agent")
+    agent = _agent(mosquitto, cnn_artifacts, tmp_path, 0)
+    watcher = MqttTransport(mosquitto.host, mosquitto.port, "watcher")
+    watcher.start()
+    watcher.subscribe(topics.status_filter(FED))
+    gateway = MqttTransport(mosquitto.host, mosquitto.port, "gateway")
+    gateway.start()
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+
+    def publish(round_number: int, sha256: str, final: bool = False) -> None:
+        message = GlobalModel(FED, round_number, sha256, initial, TrainConfig(local_steps=3),
+                              final=final)
+        gateway.publish(topics.global_topic(FED), codec.encode_global(message), retain=True)
+
+    def next_status() -> tuple[bool, str | None]:
+        message = watcher.receive(20)
+        assert message is not None, "no status"
+        status = codec.decode_status(message.payload)
+        return status.online, status.problem
+
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    assert next_status() == (True, None)
+    # Execute: a global for another model version, republished twice, then ours, then the end
+    publish(0, "0" * 64)
+    assert next_status() == (True, "manifest")
+    for _ in range(2):
+        time.sleep(1.0)
+        publish(0, "0" * 64)
+    time.sleep(1.0)
+    publish(0, manifest.sha256)
+    assert next_status() == (True, None)
+    publish(1, manifest.sha256, final=True)
+    thread.join(30)
+    # Assert: one problem status and one log line for three mismatched globals; then it trained
+    assert next_status() == (False, None)
+    assert watcher.receive(1) is None
+    gateway.stop()
+    watcher.stop()
+    assert agent.rounds_trained == 1
+    assert len([r for r in caplog.records if "another model version" in r.getMessage()]) == 1

@@ -76,7 +76,8 @@ def test_three_devices_complete_rounds_and_the_model_improves(
     observer = MqttTransport(mosquitto.host, mosquitto.port, "observer")
     observer.start()
     observer.subscribe(topics.status_filter(federation))
-    statuses = dict(decode_status(m.payload) for m in iter(lambda: observer.receive(2), None))
+    statuses = {s.device_id: s.online for s in (
+        decode_status(m.payload) for m in iter(lambda: observer.receive(2), None))}
     observer.stop()
     assert statuses == {"dev-executorch": False, "dev-onnxruntime": False, "dev-torch": False}
 

@@ -1,12 +1,14 @@
-"""Paho-MQTT 2.x client wrapper: reconnect, resubscribe on connect, a bounded inbox, TLS."""
+"""Paho-MQTT 2.x client wrapper: waits for the broker, reconnects, resubscribes; inbox; TLS."""
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +29,16 @@ INBOX_SIZE = 10_000  # messages kept for the consumer; beyond this, drop and log
 # updates are ~2.6 GiB). Beyond it, messages are dropped unacknowledged and logged.
 INBOX_MAX_BYTES = 256 * 1024 * 1024
 KEEPALIVE_S = 30
+# Waiting for a broker that is not there yet: the first pause, doubled after each try up to the
+# cap, so a gateway or device started before its broker connects soon after it comes up.
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 10.0
 
 
+def _tls_refused(exc: OSError) -> bool:
+    """Whether a failed connection is TLS refusing us (wrong CA, certificate, name): waiting
+    cannot help. A handshake cut short (EOF) is a broker still starting: that is worth a wait."""
+    return isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,7 @@ class MqttTransport:
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._closing = threading.Event()  # set by stop(): ends a wait for the broker in start()
         self.inbox: queue.Queue[Message] = queue.Queue(maxsize=INBOX_SIZE)
         self.bytes_sent = 0
         self.dropped = 0
@@ -123,28 +134,67 @@ class MqttTransport:
         self._inbox_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
-        """Connect and start paho's network thread; wait until the broker accepts us."""
-        try:
-            if self._v5:
-                props = Properties(PacketTypes.CONNECT)
-                if self._persistent:
-                    props.SessionExpiryInterval = self._session_expiry_s
-                self._client.connect(
-                    self.host, self.port, keepalive=KEEPALIVE_S,
-                    clean_start=not self._persistent, properties=props,
-                )
-            else:
-                self._client.connect(self.host, self.port, keepalive=KEEPALIVE_S)
-        except OSError as exc:
-            raise TransportError(f"cannot reach broker {self.host}:{self.port}: {exc}") from exc
+    def start(self, connect_timeout: float | None = None) -> None:
+        """Connect and start paho's network thread; wait until the broker accepts us.
+
+        A broker that is not reachable yet is waited for (for ever, or `connect_timeout`
+        seconds), so a device or gateway may start before its broker.
+        """
+        self._closing.clear()
+        waited = self._connect_with_retry(connect_timeout)
         self._client.loop_start()
         if not self._connected.wait(CONNECT_TIMEOUT_S):
             self._client.loop_stop()
             raise TransportError(f"broker {self.host}:{self.port} did not accept {self.client_id}")
+        if waited:
+            # WARNING like the "waiting" line it closes, so both show wherever that one did.
+            logger.warning("%s: connected to the broker at %s:%s", self.client_id, self.host,
+                           self.port)
+
+    def _connect_with_retry(self, connect_timeout: float | None) -> bool:
+        """Open the connection, retrying with capped backoff; True if we had to wait."""
+        deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
+        delay, waited = FIRST_RETRY_S, False
+        while True:
+            try:
+                self._connect()
+                return waited
+            except OSError as exc:
+                if _tls_refused(exc):
+                    raise TransportError(
+                        f"TLS with broker {self.host}:{self.port} failed: {exc}") from exc
+                if not waited:  # one line for the whole wait, not one per try
+                    logger.warning("%s: waiting for the broker at %s:%s: %s", self.client_id,
+                                   self.host, self.port, exc)
+                    waited = True
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TransportError(f"no broker at {self.host}:{self.port} after "
+                                         f"{connect_timeout}s: {exc}") from exc
+                # Jitter: devices started together do not all knock at the same instant.
+                pause = delay * random.uniform(0.5, 1.0)
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                if self._closing.wait(max(pause, 0.0)):
+                    raise TransportError(
+                        f"{self.client_id}: stopped while waiting for the broker") from exc
+                delay = min(delay * 2, MAX_RETRY_S)
+
+    def _connect(self) -> None:
+        """One connection attempt (TCP, TLS handshake, CONNECT sent); raises OSError."""
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            if self._persistent:
+                props.SessionExpiryInterval = self._session_expiry_s
+            self._client.connect(
+                self.host, self.port, keepalive=KEEPALIVE_S,
+                clean_start=not self._persistent, properties=props,
+            )
+        else:
+            self._client.connect(self.host, self.port, keepalive=KEEPALIVE_S)
 
     def stop(self) -> None:
-        """Disconnect cleanly (no last will) and stop the network thread."""
+        """Disconnect cleanly (no last will) and stop the network thread (or a wait in start)."""
+        self._closing.set()
         self._client.disconnect()
         self._client.loop_stop()
 
