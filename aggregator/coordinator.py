@@ -103,6 +103,7 @@ class Coordinator:
         self.registry = registry  # device id -> Ed25519 public key; None: updates unsigned
         self.rejections: Counter[str] = Counter()
         self.online: set[str] = set()
+        self.problems: dict[str, str] = {}  # device -> the problem its status reports
         self.global_bytes = 0  # size of the last global published
         self._history: tuple[RoundSummary, ...] = ()
         # Updates received while the state could not be written: unacknowledged, tried again.
@@ -290,12 +291,25 @@ class Coordinator:
             self._storage_error = None
 
     def _handle_status(self, message: Received) -> None:
+        """Presence and problems of a device; the topic, not the payload, names the device."""
         try:
-            device_id, online = decode_status(message.payload)
-        except DecodeError as exc:
-            logger.warning("ignored status on %s: %s", message.topic, exc)
+            _, _, device_id = topics.parse_device_topic(message.topic)
+            status = decode_status(message.payload)
+        except (DecodeError, ValueError) as exc:
+            self._reject(message.topic, Rejected("status-malformed", str(exc)))
             return
-        (self.online.add if online else self.online.discard)(device_id)
+        if status.device_id != device_id:  # A may not mark B offline from A's own topic
+            self._reject(message.topic, Rejected(
+                "status-mismatch", f"status for {status.device_id!r} on {device_id!r}'s topic"))
+            return
+        (self.online.add if status.online else self.online.discard)(device_id)
+        previous = self.problems.pop(device_id, None)
+        if status.problem is not None:
+            self.problems[device_id] = status.problem
+            if previous != status.problem:  # counted once per episode, not per retained copy
+                self._reject(message.topic, Rejected(status.problem, f"{device_id} reports "
+                                                     f"problem {status.problem!r}"))
+                return
         self._refresh_snapshot()
 
     def _reject(self, topic: str, exc: Rejected) -> None:

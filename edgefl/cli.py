@@ -114,6 +114,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from aggregator.store import GlobalStore, StorageError
     from protocol.manifest import load_manifest
     from protocol.messages import TrainConfig
+    from transport import TransportError
     from transport.mqtt import MqttTransport
 
     artifacts = _artifacts(args)
@@ -136,20 +137,25 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     secure = _gateway_connection(args, AGGREGATOR_ID)
     registry = None
     if args.gateway:
-        from protocol.signing import load_registry
+        from protocol.signing import RegistryFile
 
-        registry = load_registry(load_gateway(Path(args.gateway)).signing_registry)
-    config = replace(config, allowed_devices=_allowed_devices(args, registry))
+        # Re-read when `edgefl gateway enroll|revoke` changes it: no restart needed.
+        registry = RegistryFile(load_gateway(Path(args.gateway)).signing_registry)
+    config = replace(config, allowed_devices=_allowed_devices(args, registry is not None))
     # The status port first: a taken port is one clear line before any state is written.
     coordinator: Coordinator | None = None
     status = None
     if args.status_port is not None:
         from aggregator.status import StatusServer
 
+        from edgefl.gateway import certificate_expiry
+
+        expiry = certificate_expiry(load_gateway(Path(args.gateway))) if args.gateway else {}
+
         def snapshot():  # noqa: ANN202 (the page answers 500 until the coordinator is up)
             if coordinator is None:
                 raise RuntimeError("the aggregator is starting")
-            return coordinator.snapshot()
+            return replace(coordinator.snapshot(), certificates=expiry)
 
         status = StatusServer(snapshot, args.status_host, args.status_port)
         try:
@@ -168,7 +174,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         coordinator = Coordinator(config, manifest,
                                   load_file(str(artifacts / manifest.files["adapter_init"])),
                                   transport, store, registry=registry)
-    except (ValueError, OSError, StorageError, sqlite3.Error) as exc:
+    except (ValueError, OSError, StorageError, sqlite3.Error, TransportError) as exc:
         if status is not None:
             status.stop()
         transport.stop()
@@ -191,15 +197,16 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allowed_devices(args: argparse.Namespace, registry: dict | None) -> frozenset[str] | None:
-    """Who may send updates: --allowed-devices, else the gateway's enrolled devices, else any."""
+def _allowed_devices(args: argparse.Namespace, signed: bool) -> frozenset[str] | None:
+    """Who may send updates: --allowed-devices; else, with --gateway, whoever the signing
+    registry holds (checked per update); else any device id, with a warning."""
     if args.allowed_devices:
         names = [n.strip() for n in args.allowed_devices.split(",") if n.strip()]
         if not names:
             raise SystemExit("edgefl: --allowed-devices names no device")
         return frozenset(names)
-    if registry is not None:
-        return frozenset(registry)
+    if signed:
+        return None  # an update from a device the registry does not hold fails its signature
     logging.getLogger("edgefl").warning(
         "plain mode without --allowed-devices: any device id may send updates")
     return None
@@ -210,6 +217,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from edge_client.agent import DeviceAgent, device_seed
     from edge_client.data import device_data, multitask_tasks
     from edge_client.trainer import make_trainer
+    from transport import TransportError
     from transport.mqtt import MqttTransport
 
     artifacts = _artifacts(args)
@@ -231,7 +239,10 @@ def cmd_client(args: argparse.Namespace) -> int:
                         None if tasks else data.x, None if tasks else data.y, transport,
                         Path(args.state_dir), device_seed(device_id), signing_key=signing_key,
                         tasks=tasks)
-    rounds = agent.run()
+    try:
+        rounds = agent.run()
+    except TransportError as exc:
+        raise SystemExit(f"edgefl: {exc}") from exc
     print(f"{device_id}: trained {rounds} rounds")
     return 0
 
@@ -339,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many recent rounds' globals (and kept updates) the state keeps")
     p.add_argument("--allowed-devices",
                    help="comma-separated device ids allowed to send updates (default: the "
-                        "gateway's enrolled devices with --gateway, else any)")
+                        "enrolled devices with --gateway, else any)")
     p.add_argument("--status-port", type=int,
                    help="serve the status page, /api/status, /metrics and /healthz on this port")
     p.add_argument("--status-host", default="127.0.0.1",

@@ -17,9 +17,10 @@ already checks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -119,6 +120,44 @@ def registry_from_json(text: str) -> dict[str, Ed25519PublicKey]:
 def load_registry(path: Path) -> dict[str, Ed25519PublicKey]:
     """Read the aggregator's registry of device public keys."""
     return registry_from_json(Path(path).read_text())
+
+
+class RegistryFile(Mapping[str, Ed25519PublicKey]):
+    """The registry file, read again whenever it changes on disk, so devices enrolled or
+    revoked (`edgefl gateway enroll|revoke`) count without restarting the aggregator.
+
+    A file that cannot be parsed after a change keeps the last good registry (and logs why).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._refresh()
+        if self._stamp is None:
+            raise ValueError(f"cannot read the signing registry {self.path}")
+
+    def _refresh(self) -> None:
+        try:
+            info = self.path.stat()
+            stamp = (info.st_mtime_ns, info.st_size)
+            if stamp != self._stamp:
+                self._keys, self._stamp = load_registry(self.path), stamp
+        except (OSError, ValueError) as exc:
+            logging.getLogger(__name__).error("signing registry %s unreadable, keeping the "
+                                              "previous one: %s", self.path, exc)
+
+    def __getitem__(self, device_id: str) -> Ed25519PublicKey:
+        self._refresh()  # one stat() per update: cheap next to decoding it
+        return self._keys[device_id]
+
+    def __iter__(self) -> Iterator[str]:
+        self._refresh()
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        self._refresh()
+        return len(self._keys)
 
 
 def write_private_file(path: Path, data: bytes) -> None:
