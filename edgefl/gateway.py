@@ -535,7 +535,8 @@ def cmd_gateway_enroll(args: argparse.Namespace) -> int:
     for device_id in args.device_ids:
         print(f"enrolled {device_id}: copy {files.out_dir / 'devices' / device_id}/ and "
               f"{files.out_dir / GATEWAY_FILE} to it")
-    print(f"restart the aggregator so it loads {files.signing_registry}")
+    print(f"the aggregator picks up {files.signing_registry} when it changes (copy it there if "
+          "it runs elsewhere)")
     return 0
 
 
@@ -559,7 +560,8 @@ def cmd_gateway_revoke(args: argparse.Namespace) -> int:
     print(f"revoked {args.device_id}: listed in {files.crl_file}, "
           f"removed from {files.signing_registry}")
     print("reload the broker (kill -HUP <mosquitto pid>) to refuse its new connections, or "
-          "restart it to also end its current one; restart the aggregator to drop its key")
+          "restart it to also end its current one; the aggregator drops its key when its "
+          "signing registry changes")
     return 0
 
 

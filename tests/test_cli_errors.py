@@ -1,0 +1,49 @@
+"""Bad input to `edgefl aggregator` is one clear line on stderr and a non-zero exit, never a
+traceback, and nothing is written before the error."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _aggregator(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgefl", "aggregator", "--federation", "f", "--port", "1",
+         "--state-dir", str(state), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], words: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgefl: ") and words in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_taken_status_port_is_one_line_before_any_state(cnn_artifacts: Path,
+                                                          tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _aggregator("--artifacts", str(cnn_artifacts), "--status-port", str(port),
+                           "--allowed-devices", "a", state=tmp_path / "state")
+    _one_line_error(proc, f"127.0.0.1:{port}")
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_missing_artifact_folder_is_one_line(tmp_path: Path) -> None:
+    proc = _aggregator("--artifacts", str(tmp_path / "nowhere"), state=tmp_path / "state")
+    _one_line_error(proc, "manifest.json")
+
+
+def test_a_combination_that_would_break_is_one_line(cnn_artifacts: Path, tmp_path: Path) -> None:
+    proc = _aggregator("--artifacts", str(cnn_artifacts), "--strategy", "trimmed_mean",
+                       "--min-clients", "2", state=tmp_path / "state")
+    _one_line_error(proc, "trims nothing")
+    assert not (tmp_path / "state").exists()
