@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from aggregator.config import AggregatorConfig
+from aggregator.exact import catch_up_copy
 from aggregator.registry import make_family
 from aggregator.robust import clip_update
 from aggregator.rounds import Contribution, GlobalState, RoundAggregator
@@ -20,14 +21,14 @@ from aggregator.strategies import add
 from protocol import topics
 from protocol.codec import (
     DecodeError,
+    PayloadTooLarge,
     decode_status,
     decode_update,
     encode_global,
-    join_global_tensors,
-    split_global_tensors,
+    encode_residual,
 )
 from protocol.manifest import Manifest
-from protocol.messages import GlobalModel, Update, slot_key
+from protocol.messages import GlobalModel, ResidualModel, Update, slot_key
 from protocol.signing import SignatureError, SigningRegistry, open_signed
 from protocol.tensors import TensorDict, check_finite, shared
 from transport import Received, Transport, TransportError
@@ -61,14 +62,6 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-def _state_from_store(round_number: int, tensors: TensorDict,
-                      info: dict[str, object]) -> GlobalState:
-    adapter, residual, clusters = split_global_tensors(tensors)
-    assignment = {str(k): int(v) for k, v in dict(info.get("assignment", {})).items()}
-    return GlobalState(round_number, adapter, residual, clusters, assignment,
-                       dict(info.get("family", {})))
 
 
 class Coordinator:
@@ -110,9 +103,10 @@ class Coordinator:
         self._deferred: list[Received] = []
         self._storage_error: str | None = None
         self._last_retry = now()
+        self._catch_up_cache: tuple[int, bytes] | None = None
         resumed = store.latest()
         if resumed is not None:
-            self.state = _state_from_store(*resumed)
+            self.state = GlobalState.from_tensors(*resumed)
             logger.info("resuming federation %s at round %d", config.federation, self.round)
         else:
             self.state = GlobalState(0, initial_adapter)
@@ -141,24 +135,42 @@ class Coordinator:
         self._deadline = self._opened + self.config.round_deadline_s
 
     def _save_state(self, s: GlobalState, closed: list[str]) -> None:
-        self.store.save(s.round, join_global_tensors(s.adapter, s.residual, s.clusters),
+        self.store.save(s.round, s.tensors(),
                         {"closed": closed, "assignment": s.assignment, "family": s.info})
         # Asynchronous updates may start from any of the last max_staleness globals.
         keep = max(self.config.keep_rounds, self.family.max_staleness + 1)
         self.store.prune(s.round - keep)
 
     def _publish_global(self, final: bool = False) -> None:
+        """Publish (retained) the residual catch-up, if the family folds one, then the global.
+
+        Raises:
+            TransportError: the broker did not take it.
+            PayloadTooLarge: a message over the protocol's limit (never published).
+        """
         self._last_publish = self.now()
-        s = self.state
-        task_index, task_classes = self.config.task_at(s.round)
+        s, c = self.state, self.config
+        if self.family.folds_residual:
+            self.transport.publish(topics.residual_topic(c.federation), self._catch_up(), qos=1,
+                                   retain=True)
+        task_index, task_classes = c.task_at(s.round)
         message = GlobalModel(
-            self.config.federation, s.round, self.manifest_sha256, s.adapter, self.config.train,
-            final, s.residual, s.clusters, s.assignment, task_index, task_classes,
+            c.federation, s.round, self.manifest_sha256, s.adapter, c.train, final=final,
+            residual_step=s.residual_step, clusters=s.clusters, assignment=s.assignment,
+            task_index=task_index, task_classes=task_classes, residual=self.family.folds_residual,
         )
         payload = encode_global(message)
         self.global_bytes = len(payload)
-        self.transport.publish(topics.global_topic(self.config.federation), payload, qos=1,
-                               retain=True)
+        self.transport.publish(topics.global_topic(c.federation), payload, qos=1, retain=True)
+
+    def _catch_up(self) -> bytes:
+        """The residual topic's message for the open round (encoded once per round)."""
+        if self._catch_up_cache is None or self._catch_up_cache[0] != self.round:
+            tensors, error = catch_up_copy(self.state.residual)
+            payload = encode_residual(ResidualModel(self.config.federation, self.round,
+                                                    self.manifest_sha256, tensors, error))
+            self._catch_up_cache = (self.round, payload)
+        return self._catch_up_cache[1]
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, topic: str, payload: bytes) -> Update:
@@ -215,7 +227,7 @@ class Coordinator:
             stored = self.store.global_at(update.round)
             if stored is None:
                 raise Rejected("stale-round", f"no stored global for round {update.round}")
-            start = split_global_tensors(stored)[0]
+            start = GlobalState.from_tensors(update.round, stored, {}).adapter
         adapter = add(start, update.adapter) if update.is_delta else update.adapter
         if self.config.clip_norm is not None:
             adapter = clip_update(adapter, start, self.config.clip_norm)
@@ -399,6 +411,9 @@ class Coordinator:
         except TransportError as exc:  # broker down: paho reconnects, try again later
             self._last_publish = self.now()
             logger.warning("could not republish round %d: %s", self.round, exc)
+        except PayloadTooLarge as exc:  # never sent: devices would drop it as malformed
+            self._last_publish = self.now()
+            logger.error("refusing to publish round %d: %s", self.round, exc)
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
         """Run until `config.rounds` rounds are aggregated (or `stop()` is true)."""

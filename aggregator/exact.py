@@ -13,24 +13,26 @@ which equals Σp_k B_k A_k − B̄Ā because Σp_k = 1, and has rank ≤ (K−1)
 to zero), below the (K+1)·r of the uncentred form. A device adds `scaling · U @ V` to the frozen
 weight of each LoRA layer, `scaling` being its LoRA scale (α/r in peft).
 
-The server keeps one cumulative residual (scaled: in weight units) and sends all of it with every
-global, so devices stay stateless: each sets its frozen weight to pretrained W0 + U @ V, whatever
-rounds it missed. Each round `fold` adds the round's residual to the cumulative one and re-factors
-the sum exactly; the rank grows by up to (K−1)·r per round, so once the sum's rank passes the
-budget of `rank_budget` (the payload limit, and never past `crossover_rank`, beyond which factors
-cost more than the dense matrix) `fold` keeps its best rank-budget approximation and reports the
-relative Frobenius error of what it dropped. `residual_tensors` / `residual_from_tensors` convert
-to and from the wire tensors `<layer>.U`, `<layer>.V` of GlobalModel.base_residual.
+The gateway keeps one cumulative residual R_t (scaled: in weight units) exactly: each round
+`accumulate_exact` adds the round's residual, re-factored exactly through a thin SVD, and keeps
+a layer dense once its rank passes `crossover_rank` (beyond which factors cost more than the
+matrix). Each global carries only the round's step R_t − R_(t−1), of rank ≤ (K−1)·r whatever
+t is; a device level with the previous round adds it, any other device fetches the retained
+catch-up copy of R_t (`catch_up_copy`), which is R_t itself when it fits the payload limit and
+otherwise its best approximation at the rank `rank_caps` allows, with the error reported.
+`residual_tensors` / `residual_from_tensors` convert factors to and from wire tensors
+(protocol.residual).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from aggregator.strategies import WeightedAdapter, fedavg
+from protocol.codec import MAX_PAYLOAD_BYTES
+from protocol.residual import DENSE, dense_residual, residual_layers
 from protocol.tensors import TensorDict
 
 Factors = tuple[np.ndarray, np.ndarray]  # (U (d_out, q), V (q, d_in)): the residual is U @ V
@@ -143,24 +145,6 @@ def _compact(
     return factors, sigma[:keep], sigma[keep:rank]
 
 
-def merge_residuals(residuals: Sequence[Residual], max_rank: int | None = None) -> Residual:
-    """Sum several residuals (for example of consecutive rounds) as one factored residual.
-
-    Factors concatenate (Σ U_i V_i = [U_1 … U_m][V_1; …; V_m]); the result is re-compacted when
-    its rank exceeds `max_rank`, by default min(d_out, d_in), beyond which factors would cost
-    more than the dense matrix.
-    """
-    layers = sorted({layer for r in residuals for layer in r})
-    out: Residual = {}
-    for layer in layers:
-        parts = [r[layer] for r in residuals if layer in r]
-        u = np.concatenate([p[0] for p in parts], axis=1)
-        v = np.concatenate([p[1] for p in parts], axis=0)
-        limit = min(u.shape[0], v.shape[1]) if max_rank is None else max_rank
-        out[layer] = compact(u, v, max_rank=limit) if u.shape[1] > limit else (u, v)
-    return out
-
-
 def crossover_rank(d_out: int, d_in: int) -> int:
     """floor(d_out·d_in / (d_out + d_in)): above this rank, factors cost more than the dense matrix.
 
@@ -216,61 +200,6 @@ def rank_caps(
     payload = (limit_bytes - reserved_bytes) // per_rank
     return {layer: min(crossover_rank(d_out, d_in), payload)
             for layer, (d_out, d_in) in shapes.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class Folded:
-    """A cumulative residual after `fold`.
-
-    truncation_error: ‖R_exact − R_kept‖_F / ‖R_exact‖_F over all layers together, R_exact being
-        the exact sum that was folded (0.0 when no layer was truncated).
-    ranks: layer -> the rank kept.
-    """
-
-    residual: Residual
-    truncation_error: float
-    ranks: dict[str, int]
-
-
-def fold(cumulative: Residual, increment: Residual,
-         max_rank: int | Mapping[str, int]) -> Folded:
-    """Add a round's residual to the cumulative one, re-factored and kept at rank ≤ max_rank
-    (one rank for every layer, or per layer as rank_caps gives).
-
-    Per layer the factors concatenate ([U_c U_i][V_c; V_i] = U_c V_c + U_i V_i) and are
-    re-factored exactly through compact's thin SVD, which also drops directions that cancelled.
-    Only where that exact rank exceeds `max_rank` is the sum replaced by its best rank-max_rank
-    approximation (Eckart–Young). Layers present on one side only are kept (re-factored too, so
-    they respect `max_rank`). Both residuals must be in the same units (scale both or neither).
-
-    Raises:
-        ValueError: a negative max_rank, or a layer whose factors differ in shape between sides.
-    """
-    caps = max_rank if isinstance(max_rank, Mapping) else None
-    lowest = min(caps.values(), default=0) if caps is not None else max_rank
-    if lowest < 0:
-        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
-    out: Residual = {}
-    ranks: dict[str, int] = {}
-    kept_sq = dropped_sq = 0.0
-    for layer in sorted(set(cumulative) | set(increment)):
-        parts = [side[layer] for side in (cumulative, increment) if layer in side]
-        if len({(u.shape[0], v.shape[1]) for u, v in parts}) > 1:
-            raise ValueError(f"layer {layer!r}: the cumulative residual is "
-                             f"{_shape(parts[0])} but the increment {_shape(parts[1])}")
-        u = np.concatenate([np.asarray(p[0], np.float64) for p in parts], axis=1)
-        v = np.concatenate([np.asarray(p[1], np.float64) for p in parts], axis=0)
-        # As in `residual`: directions that cancel leave noise of the size of the parts, not of
-        # their sum, so the noise floor is relative to the parts (‖U_p V_p‖ ≤ ‖U_p‖‖V_p‖).
-        floor = RANK_RTOL * max(float(np.linalg.norm(pu) * np.linalg.norm(pv)) for pu, pv in parts)
-        limit = max_rank if caps is None else caps[layer]
-        out[layer], kept, dropped = _compact(u, v, limit, RANK_RTOL, floor)
-        ranks[layer] = kept.size
-        kept_sq += float(np.sum(kept**2))
-        dropped_sq += float(np.sum(dropped**2))
-    total = kept_sq + dropped_sq
-    error = float(np.sqrt(dropped_sq / total)) if dropped_sq > 0 else 0.0
-    return Folded(out, error, ranks)
 
 
 def _shape(factors: Factors) -> tuple[int, int]:
@@ -331,3 +260,82 @@ def dense(factors: Factors) -> np.ndarray:
 def residual_nbytes(res: Residual) -> int:
     """Bytes of the factors as sent (float32), without codec overhead."""
     return sum(u.nbytes + v.nbytes for u, v in res.values())
+
+
+# -- the gateway's residual ledger: exact R_t, per-round steps, catch-up copies ---------------
+def accumulate_exact(cumulative: TensorDict, increment: Residual) -> TensorDict:
+    """R_t = R_(t−1) + increment, exactly, in wire form (protocol.residual): per layer the
+    factors `<layer>.U`/`.V` while their rank is at most the layer's crossover_rank, else the
+    matrix `<layer>.dense` (which costs no more than factors past that rank). Never truncated:
+    devices that add every round's increment hold exactly this.
+
+    Raises:
+        ValueError: malformed cumulative tensors, or layer shapes that differ between sides.
+    """
+    out: TensorDict = {}
+    for layer in sorted(set(residual_layers(cumulative)) | set(increment)):
+        step = increment.get(layer)
+        if layer + DENSE in cumulative:
+            matrix = np.asarray(cumulative[layer + DENSE], np.float64)
+            if step is not None:
+                matrix = matrix + dense(step)
+            out[layer + DENSE] = matrix.astype(np.float32)
+            continue
+        parts = [(cumulative[layer + _U], cumulative[layer + _V])] if layer + _U in cumulative \
+            else []
+        parts += [step] if step is not None else []
+        if len({_shape(p) for p in parts}) > 1:
+            raise ValueError(f"layer {layer!r}: residual shapes {[_shape(p) for p in parts]}")
+        u = np.concatenate([np.asarray(p[0], np.float64) for p in parts], axis=1)
+        v = np.concatenate([np.asarray(p[1], np.float64) for p in parts], axis=0)
+        floor = RANK_RTOL * max(float(np.linalg.norm(pu) * np.linalg.norm(pv)) for pu, pv in parts)
+        (cu, cv), kept, _ = _compact(u, v, None, RANK_RTOL, floor)
+        if kept.size > crossover_rank(u.shape[0], v.shape[1]):
+            out[layer + DENSE] = (u @ v).astype(np.float32)
+        else:
+            out[layer + _U], out[layer + _V] = cu, cv
+    return out
+
+
+def catch_up(cumulative: TensorDict, reserved_bytes: int, limit_bytes: int
+             ) -> tuple[TensorDict, float]:
+    """What a device that is not level with the last round receives: R_t itself when it fits
+    beside `reserved_bytes` within `limit_bytes`, else per layer its best approximation at the
+    rank rank_caps allows, with ‖R_t − sent‖_F / ‖R_t‖_F (0.0 when exact).
+    """
+    sent = sum(np.asarray(v).size * _FLOAT32_BYTES for v in cumulative.values())
+    if sent + reserved_bytes <= limit_bytes:
+        return dict(cumulative), 0.0
+    shapes = {layer: tuple(m.shape) for layer, m in dense_residual(cumulative).items()}
+    caps = rank_caps(shapes, reserved_bytes, limit_bytes)  # type: ignore[arg-type]
+    out: TensorDict = {}
+    kept_sq = dropped_sq = 0.0
+    for layer in residual_layers(cumulative):
+        if layer + DENSE in cumulative:
+            matrix = cumulative[layer + DENSE]
+            u, v = matrix, np.eye(matrix.shape[1])
+        else:
+            u, v = cumulative[layer + _U], cumulative[layer + _V]
+        (out[layer + _U], out[layer + _V]), kept, dropped = _compact(u, v, caps[layer],
+                                                                       RANK_RTOL, 0.0)
+        kept_sq += float(np.sum(kept**2))
+        dropped_sq += float(np.sum(dropped**2))
+    total = kept_sq + dropped_sq
+    return out, (float(np.sqrt(dropped_sq / total)) if dropped_sq > 0 else 0.0)
+
+
+# Room kept free in a catch-up message for its header and framing.
+CATCH_UP_OVERHEAD_BYTES = 64 * 1024
+
+
+def catch_up_copy(cumulative: TensorDict) -> tuple[TensorDict, float]:
+    """catch_up within the protocol's payload limit: the residual topic's tensors and error."""
+    return catch_up(cumulative, CATCH_UP_OVERHEAD_BYTES, MAX_PAYLOAD_BYTES)
+
+
+def ledger_rank(cumulative: TensorDict) -> int:
+    """The largest rank among the layers of a wire-form residual; a dense layer (kept dense
+    because its rank passed the crossover) counts as min(d_out, d_in), an upper bound."""
+    ranks = [min(cumulative[layer + DENSE].shape) if layer + DENSE in cumulative
+             else cumulative[layer + _U].shape[1] for layer in residual_layers(cumulative)]
+    return max(ranks, default=0)

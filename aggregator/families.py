@@ -19,10 +19,10 @@ import numpy as np
 from aggregator import accounting
 from aggregator.clustering import carry_assignment, fltac
 from aggregator.exact import (
+    accumulate_exact,
+    catch_up_copy,
     exact_aggregate,
-    fold,
-    rank_caps,
-    residual_from_tensors,
+    ledger_rank,
     residual_tensors,
     scaled,
 )
@@ -42,16 +42,15 @@ from protocol.tensors import TensorDict
 # Scalars of a running sum travel in its snapshot as 0-d tensors under these names ("/" never
 # occurs in adapter tensor names, so they cannot collide).
 _WEIGHT, _COUNT = "/weight", "/count"
-# What a global carries besides the residual factors and the adapter: header, cluster
-# adapters, safetensors framing. Kept free when sizing the residual's rank budget.
-GLOBAL_OVERHEAD_BYTES = 64 * 1024
 
 Strategy = Callable[[Sequence[WeightedAdapter]], TensorDict]
 
 
 def _next(state: GlobalState, adapter: TensorDict, **changes: object) -> GlobalState:
-    """The state that opens the round after `state`'s, with a new adapter."""
-    return replace(state, round=state.round + 1, adapter=adapter, **changes)
+    """The state that opens the round after `state`'s, with a new adapter (and no residual
+    step unless the family gives one)."""
+    return replace(state, round=state.round + 1, adapter=adapter,
+                   **{"residual_step": {}, **changes})
 
 
 def _sum_snapshot(acc: WeightedSum | None) -> TensorDict:
@@ -92,6 +91,7 @@ class StreamingFamily:
     max_staleness: int = 0
     device_metrics: bool = True
     task_slots: bool = False
+    folds_residual: bool = False
 
     def open(self, state: GlobalState) -> RoundAggregator:
         return _StreamingRound(state)
@@ -132,6 +132,7 @@ class _Buffered:
     max_staleness = 0
     device_metrics = True
     task_slots = False
+    folds_residual = False
 
     def finish(self, state: GlobalState,
                kept: list[Kept]) -> GlobalState:
@@ -163,33 +164,32 @@ class BufferedFamily(_Buffered):
 
 
 class ExactFamily(_Buffered):
-    """FedAvg plus the residual Σp_k B_k A_k − B̄Ā folded into a cumulative, bounded residual.
+    """FedAvg plus the residual Σp_k B_k A_k − B̄Ā, added each round to an exact cumulative one.
 
-    `scaling` maps each LoRA layer to its α/r (the manifest's); the cumulative residual is kept
-    at a rank whose factors fit the payload limit beside `adapter_bytes` of adapter.
+    `scaling` maps each LoRA layer to its α/r (the manifest's). Devices level with the last
+    round add the round's step (rank ≤ (K−1)·r); others fetch the cumulative R_t, sent exactly
+    when it fits the payload limit, else truncated with its error shown.
     """
 
-    def __init__(self, scaling: dict[str, float], adapter_bytes: int, limit_bytes: int) -> None:
-        self.scaling, self.adapter_bytes, self.limit_bytes = scaling, adapter_bytes, limit_bytes
+    folds_residual = True
 
-    def finish(self, state: GlobalState,
-               kept: list[Kept]) -> GlobalState:
+    def __init__(self, scaling: dict[str, float]) -> None:
+        self.scaling = scaling
+
+    def finish(self, state: GlobalState, kept: list[Kept]) -> GlobalState:
         adapter, increment = exact_aggregate([(k.tensors, k.weight) for k in kept])
-        increment = scaled(increment, self.scaling)
-        shapes = {layer: (u.shape[0], v.shape[1]) for layer, (u, v) in increment.items()}
-        budget = rank_caps(shapes, self.adapter_bytes + GLOBAL_OVERHEAD_BYTES, self.limit_bytes)
-        folded = fold(residual_from_tensors(state.residual), increment, budget)
-        info = dict(state.info)
-        info["residual_rank"] = max(folded.ranks.values(), default=0)
-        info["residual_rank_budget"] = max(budget.values())
-        info["truncation_error"] = folded.truncation_error
-        info["truncation_error_max"] = max(folded.truncation_error,
-                                           float(info.get("truncation_error_max", 0.0)))
-        return _next(state, adapter, residual=residual_tensors(folded.residual), info=info)
+        step = scaled(increment, self.scaling)
+        cumulative = accumulate_exact(state.residual, step)
+        _, error = catch_up_copy(cumulative)
+        info = dict(state.info, residual_rank=ledger_rank(cumulative),
+                    truncation_error=error,
+                    truncation_error_max=max(error, float(state.info.get("truncation_error_max",
+                                                                          0.0))))
+        return _next(state, adapter, residual=cumulative, residual_step=residual_tensors(step),
+                     info=info)
 
     def facts(self, state: GlobalState) -> dict[str, Any]:
-        keys = ("residual_rank", "residual_rank_budget", "truncation_error",
-                "truncation_error_max")
+        keys = ("residual_rank", "truncation_error", "truncation_error_max")
         return {k: state.info[k] for k in keys if k in state.info}
 
 
@@ -297,6 +297,7 @@ class DPFamily:
     max_staleness: int = 0
     device_metrics: bool = False  # device-reported metrics are not noised: keep them home
     task_slots: bool = False
+    folds_residual: bool = False
 
     def open(self, state: GlobalState) -> RoundAggregator:
         return _DPRound(state, self)

@@ -17,7 +17,6 @@ from aggregator.families import (
 )
 from aggregator.robust import fedmedian, trim_count, trimmed_mean
 from aggregator.rounds import Family
-from protocol.codec import MAX_PAYLOAD_BYTES
 from protocol.manifest import Manifest
 from protocol.tensors import is_personal
 
@@ -64,9 +63,7 @@ def _exact(config: AggregatorConfig, manifest: Manifest) -> Family:
     if not layers:
         raise ValueError(f"{config.strategy} needs LoRA layers (lora_A/lora_B); "
                          f"workload {manifest.workload} has none")
-    adapter_bytes = sum(4 * _size(spec.shape) for spec in manifest.tensors)
-    return ExactFamily({layer: manifest.lora_scaling(layer) for layer in layers}, adapter_bytes,
-                       MAX_PAYLOAD_BYTES)
+    return ExactFamily({layer: manifest.lora_scaling(layer) for layer in layers})
 
 
 def _talora(config: AggregatorConfig, manifest: Manifest) -> Family:
@@ -81,13 +78,6 @@ def _fltac(config: AggregatorConfig, manifest: Manifest) -> Family:
         raise ValueError(f"fltac: --clusters {config.num_clusters} exceeds the "
                          f"{config.clients_per_round} task slots a round collects")
     return FLTACFamily(config.num_clusters, config.seed)
-
-
-def _size(shape: tuple[int, ...]) -> int:
-    size = 1
-    for dim in shape:
-        size *= dim
-    return size
 
 
 # name -> builder. FLORA's aggregation is exactly FedAvg, and CoLoRA's server side is FedAvg of

@@ -11,19 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from protocol.codec import join_global_tensors, split_global_tensors
 from protocol.messages import slot_start_adapter
 from protocol.tensors import TensorDict
 
 # JSON-ready facts a family keeps across rounds (saved with each global, restored on restart).
 Info = dict[str, Any]
+# Store-only tensor prefix of the cumulative residual (the wire global carries only the step).
+CUMULATIVE_PREFIX = "cumulative_residual/"
 
 
 @dataclass(frozen=True, slots=True)
 class GlobalState:
     """The model state that opens `round`: what devices start from, plus the family's facts.
 
-    `residual` holds exact aggregation's cumulative residual as factors `<layer>.U`/`<layer>.V`
-    (scaled: devices add U @ V to the frozen weight); `clusters` and `assignment` are FL-TAC's
+    `residual` holds exact aggregation's cumulative residual R_t in wire form (per layer
+    `<layer>.U`/`<layer>.V` or `<layer>.dense`, scaled: devices add it to the frozen weight) and
+    `residual_step` the factors of R_t − R_(t−1); `clusters` and `assignment` are FL-TAC's
     cluster adapters and slot -> cluster map; `info` is durable, JSON-ready family state (for
     example the privacy budget spent so far).
     """
@@ -31,6 +35,7 @@ class GlobalState:
     round: int
     adapter: TensorDict
     residual: TensorDict = field(default_factory=dict)
+    residual_step: TensorDict = field(default_factory=dict)
     clusters: tuple[TensorDict, ...] = ()
     assignment: dict[str, int] = field(default_factory=dict)
     info: Info = field(default_factory=dict)
@@ -38,6 +43,22 @@ class GlobalState:
     def start_adapter(self, slot: str) -> TensorDict:
         """The adapter `slot` trains from in this round: its FL-TAC cluster's, else the global."""
         return slot_start_adapter(self.adapter, self.clusters, self.assignment, slot)
+
+    def tensors(self) -> TensorDict:
+        """Every tensor of the state in one flat dict, as the store keeps it."""
+        wire = join_global_tensors(self.adapter, self.residual_step, self.clusters)
+        return wire | {CUMULATIVE_PREFIX + k: v for k, v in self.residual.items()}
+
+    @classmethod
+    def from_tensors(cls, round_number: int, tensors: TensorDict, info: Info) -> GlobalState:
+        """Inverse of `tensors`, with the store's info (assignment, family facts)."""
+        cumulative = {k.removeprefix(CUMULATIVE_PREFIX): v for k, v in tensors.items()
+                      if k.startswith(CUMULATIVE_PREFIX)}
+        adapter, step, clusters = split_global_tensors(
+            {k: v for k, v in tensors.items() if not k.startswith(CUMULATIVE_PREFIX)})
+        assignment = {str(k): int(v) for k, v in dict(info.get("assignment", {})).items()}
+        return cls(round_number, adapter, cumulative, step, clusters, assignment,
+                   dict(info.get("family", {})))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +111,8 @@ class Family(Protocol):
     device_metrics: bool
     #: whether a device may send one update per local task slot (FL-TAC)
     task_slots: bool
+    #: whether devices fold a residual into their frozen weights (exact aggregation)
+    folds_residual: bool
 
     def open(self, state: GlobalState) -> RoundAggregator:
         """A fresh aggregator for the round `state` opens."""

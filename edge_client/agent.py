@@ -17,8 +17,22 @@ from safetensors.numpy import load_file, save_file
 from edge_client.data import LocalTask
 from edge_client.trainer import Trainer, train_local
 from protocol import topics
-from protocol.codec import DecodeError, decode_global, encode_status, encode_update
-from protocol.messages import GlobalModel, TrainConfig, Update, check_task_name, new_update_id
+from protocol.codec import (
+    DecodeError,
+    decode_global,
+    decode_residual,
+    encode_status,
+    encode_update,
+)
+from protocol.messages import (
+    GlobalModel,
+    ResidualModel,
+    TrainConfig,
+    Update,
+    check_task_name,
+    new_update_id,
+)
+from protocol.residual import dense_residual
 from protocol.signing import sign_payload
 from protocol.tensors import TensorDict, is_personal, shared
 from transport import Transport, TransportError
@@ -100,6 +114,13 @@ class DeviceAgent:
             else None
         self.personal = self._load_personal()
         self.rounds_trained = 0
+        # Exact aggregation: the residual our frozen weights hold (R_t, per layer) and its t.
+        self.residual_path = Path(state_dir) / f"{device_id}.residual.safetensors" if state_dir \
+            else None
+        self.residual_round, self.residual = self._load_residual()
+        self._catch_up: ResidualModel | None = None  # newest message of the residual topic
+        self._waiting: GlobalModel | None = None  # a global that waits for that message
+        self._subscribed_residual = False
 
     @staticmethod
     def will(federation: str, device_id: str) -> tuple[str, bytes]:
@@ -107,19 +128,32 @@ class DeviceAgent:
         return topics.status_topic(federation, device_id), encode_status(False, device_id)
 
     def _latest_global(self) -> GlobalModel | None:
-        """Newest decodable global message waiting in the inbox (older ones are superseded)."""
+        """Newest decodable global message waiting in the inbox (older ones are superseded).
+
+        Residual catch-ups arriving meanwhile are kept; one that a waiting global needed
+        hands that global back for another try.
+        """
         latest: GlobalModel | None = None
+        residual_topic = topics.residual_topic(self.federation)
         while True:
             message = self.transport.receive(timeout=0 if latest else POLL_S)
             if message is None:
-                return latest
+                break
             try:
+                if message.topic == residual_topic:
+                    self._catch_up = decode_residual(message.payload)
+                    continue
                 candidate = decode_global(message.payload)
             except DecodeError as exc:
-                logger.warning("%s: ignored malformed global message: %s", self.device_id, exc)
+                logger.warning("%s: ignored malformed message on %s: %s", self.device_id,
+                               message.topic, exc)
                 continue
             if latest is None or candidate.round >= latest.round:
                 latest = candidate
+        if latest is None and self._waiting is not None and self._catch_up is not None \
+                and self._catch_up.round == self._waiting.round:
+            latest, self._waiting = self._waiting, None
+        return latest
 
     def handle_global(self, message: GlobalModel) -> list[Update]:
         """Train on one global message; return one update per local task (none: nothing to do)."""
@@ -138,13 +172,12 @@ class DeviceAgent:
 
     def _prepare(self, message: GlobalModel) -> bool:
         """Set the program up as the global asks (residual, class mask); False: cannot."""
-        if message.base_residual:
-            # Exact aggregation: the frozen weights follow the server's cumulative residual.
-            layers = {k.rsplit(".", 1)[0] for k in message.base_residual}
+        if message.residual:
+            # Exact aggregation: the frozen weights must hold R_t, the cumulative residual.
+            if not self._sync_residual(message):
+                return False
             try:
-                self.trainer.set_base_delta({
-                    layer: message.base_residual[f"{layer}.U"] @ message.base_residual[f"{layer}.V"]
-                    for layer in layers})
+                self.trainer.set_base_delta(self.residual)
             except (NotImplementedError, KeyError, ValueError) as exc:
                 logger.error("%s: cannot apply the global's base residual (%s); skipping round %d",
                              self.device_id, exc, message.round)
@@ -204,6 +237,68 @@ class DeviceAgent:
         if self.signing_key is not None:
             payload = sign_payload(self.signing_key, self.device_id, payload)
         return payload
+
+    # -- exact aggregation: the residual folded into the frozen weights ----------------------
+    def _sync_residual(self, message: GlobalModel) -> bool:
+        """Bring our residual level with the global's round t; False: wait for a catch-up.
+
+        Level with t − 1, we add the global's step (small, exact); otherwise we take R_t from
+        the residual topic, subscribing only while we need it (it can be megabytes).
+        """
+        t = message.round
+        if self.residual_round == t:
+            return True
+        try:
+            if self.residual_round == t - 1:
+                step = dense_residual(message.residual_step)
+                self._set_residual(t, {layer: self.residual.get(layer, 0) + step[layer]
+                                       for layer in self.residual.keys() | step.keys()})
+                return True
+            if self._catch_up is not None and self._catch_up.round == t:
+                self._set_residual(t, dense_residual(self._catch_up.residual))
+                if self._catch_up.truncation_error > 0:
+                    logger.warning("%s: the residual of round %d came truncated (relative "
+                                   "error %.2g)", self.device_id, t,
+                                   self._catch_up.truncation_error)
+                self._stop_catching_up()
+                return True
+        except ValueError as exc:  # shapes that do not fit this model: not ours to train
+            logger.error("%s: unusable residual for round %d (%s)", self.device_id, t, exc)
+            return False
+        self._waiting = message
+        if not self._subscribed_residual:
+            logger.info("%s: at residual round %d, fetching round %d's", self.device_id,
+                        self.residual_round, t)
+            self.transport.subscribe(topics.residual_topic(self.federation), qos=1)
+            self._subscribed_residual = True
+        return False
+
+    def _stop_catching_up(self) -> None:
+        if self._subscribed_residual:
+            self.transport.unsubscribe(topics.residual_topic(self.federation))
+            self._subscribed_residual = False
+        self._catch_up = None
+
+    def _set_residual(self, round_number: int, residual: dict[str, np.ndarray]) -> None:
+        """Adopt R_round and keep it on disk, so a restart does not need a catch-up."""
+        self.residual_round = round_number
+        self.residual = {k: np.asarray(v, np.float32) for k, v in residual.items()}
+        if self.residual_path is None:
+            return
+        self.residual_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.residual_path.with_suffix(".tmp")
+        save_file(self.residual, str(tmp), metadata={"round": str(round_number)})
+        tmp.replace(self.residual_path)
+
+    def _load_residual(self) -> tuple[int, dict[str, np.ndarray]]:
+        """(t, R_t) from disk; a fresh device holds R_0 = 0."""
+        if self.residual_path is None or not self.residual_path.exists():
+            return 0, {}
+        from safetensors import safe_open
+
+        with safe_open(str(self.residual_path), "np") as stored:
+            round_number = int((stored.metadata() or {}).get("round", "0"))
+        return round_number, load_file(str(self.residual_path))
 
     # -- personal tensors survive restarts ------------------------------------------------
     def _load_personal(self) -> TensorDict:

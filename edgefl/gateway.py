@@ -168,17 +168,20 @@ def acl_text() -> str:
     root = topics.ROOT  # ACL patterns need wildcards and %u, which topics' builders refuse
     return (
         "# Written by `edgefl gateway init`. Usernames are certificate CNs.\n"
-        "# Every identity may publish only its own update and status, and read the global.\n"
+        "# Every identity may publish only its own update and status, and read the global (and\n"
+        "# the residual catch-up of exact aggregation).\n"
         "# (Mosquitto warns that the global pattern has no %u: it is meant for everyone.)\n"
         f"pattern write {root}/+/update/%u\n"
         f"pattern write {root}/+/status/%u\n"
         f"pattern read {root}/+/global\n"
+        f"pattern read {root}/+/residual\n"
         "\n"
         "# Only the aggregator reads updates and statuses, and only it publishes the global.\n"
         f"user {AGGREGATOR_ID}\n"
         f"topic read {root}/+/update/+\n"
         f"topic read {root}/+/status/+\n"
         f"topic write {root}/+/global\n"
+        f"topic write {root}/+/residual\n"
     )
 
 

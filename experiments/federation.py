@@ -1,10 +1,10 @@
 """In-process federation of one global adapter: FedAvg/FLORA or exact (residual) aggregation.
 
-With exact aggregation the server runs the gateway's protocol with aggregator.exact's functions:
-it folds each round's scaled residual into one cumulative residual (`fold`, under the
-`rank_caps` of a global within protocol.codec.MAX_PAYLOAD_BYTES), and every selected device
-receives the whole cumulative residual with the adapter and sets its frozen weights to
-pretrained W0 + U @ V, keeping no state between rounds (like the real devices).
+With exact aggregation the server runs the gateway's residual ledger (aggregator.exact): each
+round's scaled residual is added exactly to the cumulative R_t (`accumulate_exact`); a selected
+device level with the previous round receives only that round's step (the global's
+`residual_step`), one that missed rounds receives the catch-up copy of R_t (`catch_up_copy`, the
+residual topic's message), exactly as the gateway's devices do.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from torch import nn
 
 from aggregator.exact import (
     Residual,
+    accumulate_exact,
+    catch_up_copy,
     dense,
     exact_aggregate,
-    fold,
-    rank_caps,
     residual_nbytes,
     scaled,
 )
 from aggregator.strategies import fedavg
 from experiments.data import Features
+from protocol.residual import dense_residual
 from experiments.models import (
     adapter_nbytes,
     base_weights_of,
@@ -34,7 +35,6 @@ from experiments.models import (
     sgd_optimiser,
     train_steps,
 )
-from protocol.codec import MAX_PAYLOAD_BYTES
 from workloads.lora import get_adapter, set_adapter
 
 AGGREGATIONS = ("fedavg", "exact")
@@ -68,10 +68,9 @@ class Device:
 class GlobalFederation:
     """Server + devices sharing one global adapter; with `exact`, a cumulative residual in W0.
 
-    The server's cumulative residual is scaled (weight units) and kept at rank ≤ `max_rank`, the
-    rank_caps of the model's LoRA layers with the adapter's bytes reserved. Devices are
-    stateless: each round every selected device sets W0 = pretrained W0 + dense(cumulative)
-    before training, however many rounds it sat out.
+    The server's cumulative residual R_t is scaled (weight units) and exact. A device keeps the
+    residual round it holds: level with the previous round it adds the last step, otherwise it
+    takes the catch-up copy of R_t; bytes down count what it received.
     """
 
     def __init__(self, model: nn.Module, config: SimConfig, aggregation: str) -> None:
@@ -82,16 +81,16 @@ class GlobalFederation:
         self.adapter = get_adapter(model)
         self.scaling = {name: s for name, (_, s) in lora_base_layers(model).items()}
         self.pretrained_w0 = base_weights_of(model)
-        self.max_rank = rank_caps({name: w.shape for name, w in self.pretrained_w0.items()},
-                                    adapter_nbytes(self.adapter), MAX_PAYLOAD_BYTES)
-        self.cumulative: Residual = {}  # scaled: devices add U @ V to W0 as it is
+        self.cumulative: dict[str, np.ndarray] = {}  # R_t in wire form (scaled, exact)
+        self.step: Residual = {}  # R_t − R_(t−1)
         self.server_w0 = self.pretrained_w0
         self.device_w0: dict[int, dict[str, np.ndarray]] = {}  # the W0 each device last set
+        self.device_round: dict[int, int] = {}  # the residual round each device holds
         self.version = 0
         self.bytes_up: list[int] = []
         self.bytes_down: list[int] = []
         self.residual_ratio: list[float] = []  # ‖R‖_F / ‖B̄Ā‖_F per round, over all LoRA layers
-        self.truncation_error: list[float] = []  # fold's relative error per round (0: exact)
+        self.truncation_error: list[float] = []  # of the catch-up copy per round (0: exact)
 
     def round(
         self, devices: Sequence[Device], rng: np.random.Generator,
@@ -117,10 +116,10 @@ class GlobalFederation:
         if self.exact:
             self.adapter, res = exact_aggregate(updates)
             self.residual_ratio.append(_residual_ratio(self.adapter, res))
-            folded = fold(self.cumulative, scaled(res, self.scaling), self.max_rank)
-            self.cumulative = folded.residual
-            self.truncation_error.append(folded.truncation_error)
-            self.server_w0 = self._with_residual(self.cumulative)
+            self.step = scaled(res, self.scaling)
+            self.cumulative = accumulate_exact(self.cumulative, self.step)
+            self.truncation_error.append(catch_up_copy(self.cumulative)[1])
+            self.server_w0 = self._with_residual(dense_residual(self.cumulative))
         else:
             self.adapter = fedavg(updates)
         self.bytes_up.append(up)
@@ -134,16 +133,25 @@ class GlobalFederation:
         return self.model
 
     def _catch_up(self, index: int) -> int:
-        """A device receives the current global's residual and sets its W0 from it.
+        """Bring a device's W0 level with the server; return the residual bytes it received."""
+        held = self.device_round.setdefault(index, 0)  # a new device holds R_0 = 0
+        self.device_w0.setdefault(index, self._with_residual({}))
+        if held == self.version:
+            received = 0
+        elif held == self.version - 1:  # the global's step
+            self.device_w0[index] = {name: w + dense(self.step[name]) if name in self.step
+                                     else w for name, w in self.device_w0[index].items()}
+            received = residual_nbytes(self.step)
+        else:  # the residual topic's catch-up copy of R_t
+            tensors, _ = catch_up_copy(self.cumulative)
+            self.device_w0[index] = self._with_residual(dense_residual(tensors))
+            received = sum(v.nbytes for v in tensors.values())
+        self.device_round[index] = self.version
+        return received
 
-        Returns the bytes of residual factors it received (the whole cumulative residual).
-        """
-        self.device_w0[index] = self._with_residual(self.cumulative)
-        return residual_nbytes(self.cumulative)
-
-    def _with_residual(self, res: Residual) -> dict[str, np.ndarray]:
-        """Pretrained W0 + U @ V per LoRA layer (the residual is already scaled)."""
-        return {name: w + dense(res[name]) if name in res else w.copy()
+    def _with_residual(self, res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pretrained W0 + the residual per LoRA layer (the residual is already scaled)."""
+        return {name: w + res[name] if name in res else w.copy()
                 for name, w in self.pretrained_w0.items()}
 
 

@@ -24,6 +24,7 @@ import zstandard
 from protocol import quant
 from protocol.messages import (
     GlobalModel,
+    ResidualModel,
     Status,
     TrainConfig,
     Update,
@@ -36,6 +37,7 @@ from protocol.messages import (
     check_task_name,
     check_token,
 )
+from protocol.residual import residual_layers
 from protocol.tensors import TensorDict
 
 SCHEMA_VERSION = 1
@@ -51,8 +53,8 @@ _ZSTD_LEVEL = 3  # zstd's default: most of the gain, fast on a phone
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first 4 bytes (RFC 8878)
 
 
-# Tensor-name prefix of a global's residual factors; "/" never occurs in adapter names.
-RESIDUAL_PREFIX = "base_residual/"
+# Tensor-name prefix of a global's residual step factors; "/" never occurs in adapter names.
+RESIDUAL_PREFIX = "residual_step/"
 # FL-TAC cluster k's adapter travels as "cluster/<k>/<name>".
 CLUSTER_PREFIX = "cluster/"
 
@@ -263,7 +265,11 @@ def _shapes(header: dict[str, Any], sparse: bool) -> dict[str, tuple[int, ...]] 
 
 
 def encode_global(message: GlobalModel) -> bytes:
-    """Serialise a GlobalModel (its adapter always travels as dense float32)."""
+    """Serialise a GlobalModel (its adapter always travels as dense float32).
+
+    Raises:
+        PayloadTooLarge: the encoded global would exceed MAX_PAYLOAD_BYTES.
+    """
     header = {
         "federation": message.federation,
         "round": message.round,
@@ -280,28 +286,67 @@ def encode_global(message: GlobalModel) -> bytes:
     if message.task_classes is not None:
         header["task_index"] = message.task_index
         header["task_classes"] = list(message.task_classes)
+    if message.residual:
+        header["residual"] = True
     payload = _pack("global", header, join_global_tensors(
-        message.adapter, message.base_residual, message.clusters))
+        message.adapter, message.residual_step, message.clusters))
     if len(payload) > MAX_PAYLOAD_BYTES:
-        residual = message.base_residual
-        rank = max((np.shape(v)[-1] for k, v in residual.items() if k.endswith(".U")), default=0)
         raise PayloadTooLarge(
             f"global of round {message.round} encodes to {len(payload)} bytes, over the "
             f"{MAX_PAYLOAD_BYTES}-byte limit; it carries {_nbytes(message.adapter)} bytes of "
-            f"adapter ({len(message.adapter)} tensors), {_nbytes(residual)} of base_residual "
-            f"({len(residual)} factors, rank up to {rank}) and "
-            f"{sum(_nbytes(c) for c in message.clusters)} of clusters ({len(message.clusters)})")
+            f"adapter ({len(message.adapter)} tensors), {_nbytes(message.residual_step)} of "
+            f"residual step and {sum(_nbytes(c) for c in message.clusters)} of clusters "
+            f"({len(message.clusters)})")
     return payload
+
+
+def encode_residual(message: ResidualModel) -> bytes:
+    """Serialise a ResidualModel (the residual topic's retained message).
+
+    Raises:
+        PayloadTooLarge: the encoded message would exceed MAX_PAYLOAD_BYTES.
+    """
+    header = {"federation": message.federation, "round": message.round,
+              "manifest_sha256": message.manifest_sha256,
+              "truncation_error": float(message.truncation_error)}
+    payload = _pack("residual", header, message.residual)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(
+            f"residual of round {message.round} encodes to {len(payload)} bytes, over the "
+            f"{MAX_PAYLOAD_BYTES}-byte limit ({len(message.residual)} tensors)")
+    return payload
+
+
+_RESIDUAL_KEYS = frozenset({"federation", "round", "manifest_sha256", "truncation_error"})
+
+
+def decode_residual(data: bytes) -> ResidualModel:
+    """Parse a ResidualModel, raising DecodeError on anything malformed (docs/PROTOCOL.md §4.2)."""
+    header, tensors = _unpack(data, "residual")
+    _check_keys(header, _RESIDUAL_KEYS, frozenset())
+    try:
+        residual_layers(tensors)
+        return ResidualModel(
+            federation=_checked(check_segment, header["federation"], "'federation'"),
+            round=_checked(check_int, header["round"], "'round'", 0),
+            manifest_sha256=_checked(check_token, header["manifest_sha256"], "'manifest_sha256'"),
+            residual=tensors,
+            truncation_error=_number(header, "truncation_error"),
+        )
+    except ValueError as exc:
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError(str(exc)) from exc
 
 
 def _nbytes(tensors: TensorDict) -> int:
     return sum(np.asarray(v).nbytes for v in tensors.values())
 
 
-def join_global_tensors(adapter: TensorDict, base_residual: TensorDict,
+def join_global_tensors(adapter: TensorDict, residual_step: TensorDict,
                         clusters: tuple[TensorDict, ...] = ()) -> TensorDict:
-    """A global's tensors in one flat dict (as on the wire; the aggregator stores it so too)."""
-    residual = {RESIDUAL_PREFIX + k: v for k, v in base_residual.items()}
+    """A global's tensors in one flat dict, as on the wire."""
+    residual = {RESIDUAL_PREFIX + k: v for k, v in residual_step.items()}
     clustered = {f"{CLUSTER_PREFIX}{i}/{k}": v
                  for i, cluster in enumerate(clusters) for k, v in cluster.items()}
     return adapter | residual | clustered
@@ -310,7 +355,7 @@ def join_global_tensors(adapter: TensorDict, base_residual: TensorDict,
 def split_global_tensors(
     tensors: TensorDict,
 ) -> tuple[TensorDict, TensorDict, tuple[TensorDict, ...]]:
-    """Inverse of join_global_tensors: (adapter, residual factors, cluster adapters).
+    """Inverse of join_global_tensors: (adapter, residual step factors, cluster adapters).
 
     Raises:
         DecodeError: a cluster tensor name without an index, or indices other than 0..K-1.
@@ -336,7 +381,7 @@ def split_global_tensors(
 
 _GLOBAL_KEYS = frozenset({"federation", "round", "manifest_sha256", "local_steps",
                           "learning_rate", "update_encoding", "update_topk", "final"})
-_GLOBAL_OPTIONAL = frozenset({"assignment", "task_index", "task_classes"})
+_GLOBAL_OPTIONAL = frozenset({"assignment", "task_index", "task_classes", "residual"})
 
 
 def _assignment(header: dict[str, Any]) -> dict[str, int]:
@@ -382,7 +427,12 @@ def decode_global(data: bytes) -> GlobalModel:
         raise DecodeError(str(exc)) from exc
     assignment = _assignment(header)
     task_index, task_classes = _task(header)
+    folds_residual = _checked(check_bool, header.get("residual", False), "'residual'")
+    if "residual" in header and not folds_residual:
+        raise DecodeError("header field 'residual' is written only as true")
     adapter, residual, clusters = split_global_tensors(tensors)
+    if residual:
+        _checked(residual_layers, residual, prefix="residual step: ")
     try:
         return GlobalModel(
             federation=federation,
@@ -391,11 +441,12 @@ def decode_global(data: bytes) -> GlobalModel:
             adapter=adapter,
             train=train,
             final=final,
-            base_residual=residual,
+            residual_step=residual,
             clusters=clusters,
             assignment=assignment,
             task_index=task_index,
             task_classes=task_classes,
+            residual=folds_residual,
         )
     except ValueError as exc:  # GlobalModel's own consistency checks
         if isinstance(exc, DecodeError):

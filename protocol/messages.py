@@ -192,8 +192,10 @@ class GlobalModel:
     """Aggregator -> devices (retained): the global adapter that opens `round`.
 
     `final` marks the last message of a federation: devices stop instead of training.
-    `base_residual` (exact aggregation only) holds, per LoRA layer, factors `<layer>.U` and
-    `<layer>.V` of the cumulative residual: devices run with frozen weight W0 + U @ V.
+    `residual` (exact aggregation, Fed-TaLoRA) says devices run with frozen weights W0 + R_t,
+    R_t being the cumulative residual of the rounds before `round`; `residual_step` holds, per
+    LoRA layer, factors `<layer>.U`, `<layer>.V` of R_t − R_(t−1): a device level with round
+    t − 1 adds U @ V, any other fetches R_t from the residual topic (ResidualModel).
     `clusters` and `assignment` (FL-TAC only): the cluster adapters, and which cluster each
     submission slot (see slot_key) starts from; slots not assigned start from `adapter`.
     `task_classes` (continual learning, e.g. Fed-TaLoRA): the classes of the current task,
@@ -207,16 +209,20 @@ class GlobalModel:
     adapter: TensorDict
     train: TrainConfig = field(default_factory=TrainConfig)
     final: bool = False
-    base_residual: TensorDict = field(default_factory=dict)
+    residual_step: TensorDict = field(default_factory=dict)
     clusters: tuple[TensorDict, ...] = ()
     assignment: dict[str, int] = field(default_factory=dict)
     task_index: int | None = None
     task_classes: tuple[int, ...] | None = None
+    residual: bool = False
 
     def __post_init__(self) -> None:
         check_segment(self.federation, "federation")
         check_int(self.round, "round", 0)
         check_token(self.manifest_sha256, "manifest_sha256")
+        check_bool(self.residual, "residual")
+        if self.residual_step and not self.residual:
+            raise ValueError("a residual step needs residual = true")
         if not isinstance(self.train, TrainConfig):
             raise ValueError(f"train must be a TrainConfig, got {_show(self.train)}")
         check_bool(self.final, "final")
@@ -242,6 +248,34 @@ class GlobalModel:
         """The adapter a slot trains from: its FL-TAC cluster's, else the global one."""
         return slot_start_adapter(self.adapter, self.clusters, self.assignment,
                                   slot_key(device_id, task))
+
+
+@dataclass(frozen=True, slots=True)
+class ResidualModel:
+    """Aggregator -> devices (retained, on the residual topic): R_t, the cumulative residual a
+    device's frozen weights must hold to train round `round`, for devices not level with
+    round t − 1 (new, or back after missing rounds).
+
+    `residual` holds per LoRA layer either factors `<layer>.U`, `<layer>.V` (R = U @ V) or the
+    matrix `<layer>.dense`; `truncation_error` is ‖R_t − sent‖_F / ‖R_t‖_F (0: exact), non-zero
+    only when the exact R_t does not fit the payload limit.
+    """
+
+    federation: str
+    round: int
+    manifest_sha256: str
+    residual: TensorDict
+    truncation_error: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_segment(self.federation, "federation")
+        check_int(self.round, "round", 0)
+        check_token(self.manifest_sha256, "manifest_sha256")
+        if (isinstance(self.truncation_error, bool) or not isinstance(self.truncation_error,
+                                                                        int | float)
+                or not 0.0 <= self.truncation_error <= 1.0):
+            raise ValueError(f"truncation_error must be a number in [0, 1], got "
+                             f"{_show(self.truncation_error)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,11 @@ def global_topic(federation: str) -> str:
     return f"{ROOT}/{_check_segment(federation, 'federation')}/global"
 
 
+def residual_topic(federation: str) -> str:
+    """Retained: the cumulative residual (exact aggregation), for devices that must catch up."""
+    return f"{ROOT}/{_check_segment(federation, 'federation')}/residual"
+
+
 def _device_topic(federation: str, kind: str, device_id: str) -> str:
     return (f"{ROOT}/{_check_segment(federation, 'federation')}/{kind}/"
             f"{_check_segment(device_id, 'device id')}")

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from aggregator.exact import (
+    accumulate_exact,
     compact,
     dense,
     exact_aggregate,
-    fold,
     lora_layers,
-    merge_residuals,
     residual,
     residual_nbytes,
 )
+from protocol.residual import dense_residual
 from aggregator.strategies import fedavg
 
 RANK, SCALE = 4, 2.0
@@ -94,34 +94,35 @@ def test_one_update_or_identical_updates_have_zero_rank_residual() -> None:
 
 
 def test_cumulative_residual_brings_a_device_that_skipped_rounds_level_with_the_server() -> None:
-    # Prepare: 4 rounds; the server folds every residual into its weights, and keeps the
-    # cumulative residual that each global carries.
+    # Prepare: 4 rounds; the server folds every residual into its weights and keeps the
+    # cumulative residual R_t (the residual topic's catch-up), while a current device adds
+    # each round's step.
     rng = np.random.default_rng(1)
     w0 = {n: rng.normal(size=shape) for n, shape in LAYERS.items()}
-    server, cumulative = dict(w0), {}
+    server, stepping, cumulative = dict(w0), dict(w0), {}
     for t in range(1, 5):
         updates = [(make_lora(10 * t + k), float(k + 1)) for k in range(3)]
         _, res = exact_aggregate(updates)
         server = fold_into(server, res)
-        # a rank budget at every layer's full rank: nothing is ever truncated
-        folded = fold(cumulative, res, max_rank=max(min(s) for s in LAYERS.values()))
-        assert folded.truncation_error == 0.0
-        cumulative = folded.residual
-    # Execute: a stateless device that sat out every round applies the cumulative residual once
-    device = fold_into(w0, cumulative)
+        stepping = fold_into(stepping, res)
+        cumulative = accumulate_exact(cumulative, res)
+    # Execute: a device that sat out every round applies R_t once
+    device = {n: w + SCALE * dense_residual(cumulative).get(n, 0) for n, w in w0.items()}
     # Assert
     for n in LAYERS:
         np.testing.assert_allclose(device[n], server[n], atol=1e-5)
+        np.testing.assert_allclose(stepping[n], server[n], atol=1e-9)
 
 
-def test_merge_compacts_beyond_the_dense_rank() -> None:
-    # 6 rounds of rank-8 residuals on an 8×12 layer exceed min(d_out, d_in) = 8: merged rank is 8.
-    log = {t: residual([(make_lora(100 + 3 * t + k), 1.0) for k in range(3)]) for t in range(6)}
-    merged = merge_residuals(list(log.values()))
-    u, v = merged["fc2"]
-    assert u.shape[1] <= min(LAYERS["fc2"])
-    expected = sum(dense(r["fc2"]) for r in log.values())
-    np.testing.assert_allclose(dense(merged["fc2"]), expected, atol=1e-4)
+def test_the_ledger_turns_dense_past_the_crossover_rank_and_stays_exact() -> None:
+    # 6 rounds of rank-8 residuals on an 8×12 layer pass its crossover 96/20 -> 4
+    log = [residual([(make_lora(100 + 3 * t + k), 1.0) for k in range(3)]) for t in range(6)]
+    cumulative: dict = {}
+    for res in log:
+        cumulative = accumulate_exact(cumulative, res)
+    assert "fc2.dense" in cumulative and cumulative["fc2.dense"].shape == LAYERS["fc2"]
+    expected = sum(dense(r["fc2"]) for r in log)
+    np.testing.assert_allclose(dense_residual(cumulative)["fc2"], expected, atol=1e-4)
 
 
 def test_compact_truncation_is_the_best_low_rank_approximation() -> None:

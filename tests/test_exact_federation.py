@@ -6,6 +6,7 @@ ExecuTorch through its program's frozen inputs (W0 + delta per LoRA layer).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ from aggregator.store import GlobalStore
 from edge_client.agent import DeviceAgent
 from edge_client.data import device_partitions
 from edge_client.trainer import make_trainer
-from protocol.codec import split_global_tensors
+from aggregator.rounds import GlobalState
 from protocol.manifest import BASE_DELTA, Manifest, load_manifest
 from protocol.messages import GlobalModel, TrainConfig
+from protocol.residual import dense_residual
 from transport.broker import Broker
 from tests.conftest import run_rounds
 from transport.mqtt import MqttTransport
@@ -36,10 +38,13 @@ BATCH = 32  # static in the exported programs
 TASK = (0, 1, 2, 3, 4)
 
 
-def _residual(factors: dict[str, np.ndarray], layer: str, shape: tuple[int, int]) -> np.ndarray:
-    if f"{layer}.U" not in factors:
-        return np.zeros(shape)
-    return factors[f"{layer}.U"].astype(np.float64) @ factors[f"{layer}.V"].astype(np.float64)
+def _residual(tensors: dict[str, np.ndarray], layer: str, shape: tuple[int, int]) -> np.ndarray:
+    """One layer of a wire-form residual as a float64 matrix (zeros where it has none)."""
+    return dense_residual(tensors).get(layer, np.zeros(shape)).astype(np.float64)
+
+
+def _stored(store: GlobalStore, round_number: int) -> GlobalState:
+    return GlobalState.from_tensors(round_number, store.global_at(round_number), {})
 
 
 def _lora(adapter: dict[str, np.ndarray], layer: str) -> np.ndarray:
@@ -80,8 +85,8 @@ def test_exact_federation_equals_the_mean_of_client_models(
         updates = store.accepted_adapters(round_number)
         assert len(updates) == len(BACKENDS)
         total = sum(w for _, w in updates)
-        before_adapter, before, _ = split_global_tensors(store.global_at(round_number))
-        after_adapter, after, _ = split_global_tensors(store.global_at(round_number + 1))
+        before, after = _stored(store, round_number).residual, _stored(store, round_number + 1).residual
+        after_adapter = _stored(store, round_number + 1).adapter
         for layer in LAYERS:
             shape = _lora(after_adapter, layer).shape
             got = _residual(after, layer, shape) + scaling * _lora(after_adapter, layer)
@@ -90,18 +95,25 @@ def test_exact_federation_equals_the_mean_of_client_models(
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{layer} round {round_number}")
             # FedAvg of the factors alone is not exact: the residual carries the difference
             assert np.abs(_residual(after, layer, shape) - _residual(before, layer, shape)).max() > 1e-7
-    final_adapter, final_residual, _ = split_global_tensors(store.global_at(2))
-    assert {k.rsplit(".", 1)[0] for k in final_residual} == set(LAYERS)
-    assert final_residual["fc1.U"].shape[0] == 128 and final_residual["fc1.V"].shape[1] == 1568
+    final_adapter, final_residual = _stored(store, 2).adapter, _stored(store, 2).residual
+    assert set(dense_residual(final_residual)) == set(LAYERS)
+    assert dense_residual(final_residual)["fc1"].shape == (128, 1568)
+    # Each device added the small per-round steps itself and holds exactly the server's R_1
+    # (the last round it trained); none needed the cumulative catch-up.
+    for agent in agents:
+        assert agent.residual_round == 1
+        for layer in LAYERS:
+            np.testing.assert_allclose(agent.residual[layer],
+                                       _residual(_stored(store, 1).residual, layer, (1, 1)),
+                                       atol=1e-6, err_msg=f"{agent.device_id} {layer}")
 
     # Devices: every backend applies the same residual and they agree on the logits
-    message = GlobalModel(FED, 2, manifest.sha256, final_adapter, base_residual=final_residual)
+    message = GlobalModel(FED, 2, manifest.sha256, final_adapter)
     x = fmnist.load("t10k").x[:BATCH]
     logits = []
     for backend in BACKENDS:
         trainer = make_trainer(backend, cnn_artifacts)
-        trainer.set_base_delta({layer: final_residual[f"{layer}.U"] @ final_residual[f"{layer}.V"]
-                                for layer in LAYERS})
+        trainer.set_base_delta(dense_residual(final_residual))
         trainer.set_adapter(message.adapter)
         logits.append(trainer.logits(x))
     for backend, got in zip(BACKENDS[1:], logits[1:]):
@@ -199,8 +211,62 @@ def test_executorch_program_without_frozen_inputs_refuses_an_exact_federation(
     data = fmnist.load("t10k").subset(np.arange(64))
     agent = DeviceAgent("et", FED, trainer, data.x, data.y, transport=None)  # type: ignore[arg-type]
     residual = {"fc1.U": np.ones((128, 1), np.float32), "fc1.V": np.ones((1, 1568), np.float32)}
-    assert agent.handle_global(GlobalModel(FED, 0, manifest.sha256, initial,
-                                           base_residual=residual)) == []
+    assert agent.handle_global(GlobalModel(FED, 1, manifest.sha256, initial, residual=True,
+                                           residual_step=residual)) == []
     # The same program still trains without a residual: legacy exports keep working
-    [update] = agent.handle_global(GlobalModel(FED, 1, manifest.sha256, initial))
+    [update] = agent.handle_global(GlobalModel(FED, 2, manifest.sha256, initial))
     assert update.num_samples == 64
+
+
+def test_a_device_that_joins_late_catches_up_from_the_residual_topic(
+    mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path
+) -> None:
+    # Prepare: rounds 0 and 1 with two devices, then a third device joins in round 2
+    import threading
+
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+    private, parts = device_partitions(3, alpha=0.3, seed=7)
+    agg = MqttTransport(mosquitto.host, mosquitto.port, "agg-late", manual_ack=True,
+                        persistent_session=True)
+    agg.start()
+    store = GlobalStore(tmp_path / "agg")
+    config = AggregatorConfig(federation=FED, rounds=3, clients_per_round=3, min_clients=2,
+                              round_deadline_s=4, strategy="exact",
+                              train=TrainConfig(local_steps=4))
+    coordinator = Coordinator(config, manifest, initial, agg, store)
+
+    def agent(i: int, backend: str) -> DeviceAgent:
+        data = private.subset(parts[i])
+        transport = MqttTransport(mosquitto.host, mosquitto.port, f"late-{i}",
+                                  will=DeviceAgent.will(FED, f"d{i}"))
+        return DeviceAgent(f"d{i}", FED, make_trainer(backend, cnn_artifacts), data.x, data.y,
+                           transport, tmp_path / "devices", seed=i)
+
+    early = [agent(0, "torch"), agent(1, "onnxruntime")]
+    late = agent(2, "executorch")
+    threads = [threading.Thread(target=a.run, daemon=True) for a in early]
+    for thread in threads:
+        thread.start()
+    runner = threading.Thread(target=coordinator.run, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while coordinator.round < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert coordinator.round == 2
+    late_thread = threading.Thread(target=late.run, daemon=True)
+    late_thread.start()
+
+    # Execute
+    runner.join(120)
+    for thread in (*threads, late_thread):
+        thread.join(30)
+    agg.stop()
+
+    # Assert: the late device fetched R_2 (it was at R_0) and its update counted in round 2
+    assert not runner.is_alive()
+    assert store.accepted_count(2) == 3
+    assert late.residual_round == 2 and not late._subscribed_residual
+    r2 = _stored(store, 2).residual
+    for layer in LAYERS:
+        np.testing.assert_allclose(late.residual[layer], _residual(r2, layer, (1, 1)), atol=1e-6)

@@ -49,7 +49,7 @@ def test_fltac_groups_task_slots_by_task_and_each_cluster_serves_its_task(
     for i in range(DEVICES):
         backend = ("executorch", "onnxruntime")[i % 2]
         device_id = f"dev{i}"
-        tasks = multitask_tasks(private.subset(parts[i]), seed=i)
+        tasks = multitask_tasks(fmnist.FashionMnistData(), private.subset(parts[i]), seed=i)
         truth |= {slot_key(device_id, t.name): kind for kind, t in tasks.items()}
         transport = MqttTransport(mosquitto.host, mosquitto.port, f"{device_id}-{uuid.uuid4().hex[:4]}",
                                   will=DeviceAgent.will(FED, device_id))

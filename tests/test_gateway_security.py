@@ -166,8 +166,10 @@ def test_init_writes_private_keys_0600_and_a_valid_chain(gateway_dir: Path) -> N
     assert list(x509.load_pem_x509_crl(files.crl_file.read_bytes())) == []
     acl = files.acl_file.read_text().splitlines()
     assert "pattern write fl/v1/+/update/%u" in acl and "pattern read fl/v1/+/global" in acl
+    assert "pattern read fl/v1/+/residual" in acl  # exact aggregation's catch-up, read-only
     assert acl[acl.index(f"user {AGGREGATOR_ID}") + 1:] == [
-        "topic read fl/v1/+/update/+", "topic read fl/v1/+/status/+", "topic write fl/v1/+/global"]
+        "topic read fl/v1/+/update/+", "topic read fl/v1/+/status/+", "topic write fl/v1/+/global",
+        "topic write fl/v1/+/residual"]
     assert load_gateway(gateway_dir) == files
 
 

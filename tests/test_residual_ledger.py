@@ -9,11 +9,13 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from aggregator.exact import (
-    Folded,
+    accumulate_exact,
+    catch_up,
+    catch_up_copy,
     crossover_rank,
     dense,
     exact_aggregate,
-    fold,
+    ledger_rank,
     rank_budget,
     residual_from_tensors,
     residual_nbytes,
@@ -22,8 +24,9 @@ from aggregator.exact import (
 )
 from protocol import codec
 from protocol.codec import MAX_PAYLOAD_BYTES, PayloadTooLarge
+from protocol.messages import GlobalModel, ResidualModel
+from protocol.residual import dense_residual
 from protocol.manifest import Manifest
-from protocol.messages import GlobalModel
 
 # all-MiniLM-L6-v2 with LoRA r=8, α=16 on query and value (workloads/minilm.py): 12 layers.
 MINILM_LAYERS = {f"bert.encoder.layer.{i}.attention.self.{m}": (384, 384)
@@ -106,7 +109,7 @@ def test_rank_budget_of_minilm() -> None:
     assert rank_budget(MINILM_LAYERS, reserved + CODEC_MARGIN, 4 * 1024 * 1024) == 103
 
 
-# --- fold -----------------------------------------------------------------------------------
+# --- the ledger: exact cumulative, catch-up copies ---------------------------------------------
 
 
 def orthogonal_pair() -> tuple[dict, dict]:
@@ -116,52 +119,57 @@ def orthogonal_pair() -> tuple[dict, dict]:
     return cumulative, increment
 
 
-def test_fold_of_two_rank_one_residuals_is_their_exact_rank_two_sum() -> None:
+def test_two_rank_one_residuals_accumulate_to_their_exact_rank_two_sum() -> None:
     cumulative, increment = orthogonal_pair()
-    # Execute
-    folded = fold(cumulative, increment, max_rank=2)
+    # Execute: a 3×4 layer's crossover is 12/7 -> 1, so rank 2 is kept dense
+    total = accumulate_exact(residual_tensors(cumulative), increment)
     # Assert
-    assert isinstance(folded, Folded)
     expected = dense(cumulative["w"]) + dense(increment["w"])
-    np.testing.assert_allclose(dense(folded.residual["w"]), expected, atol=1e-6)
-    assert folded.ranks == {"w": 2} and folded.residual["w"][0].shape == (3, 2)
-    assert folded.truncation_error == 0.0
+    assert set(total) == {"w.dense"}
+    np.testing.assert_allclose(dense_residual(total)["w"], expected, atol=1e-6)
+    # on a larger layer (crossover 8·8/16 = 4) rank 2 stays factored, still exact
+    big = {"w": (2.0 * e(8, 0), e(8, 1).T)}
+    step = {"w": (3.0 * e(8, 2), e(8, 3).T)}
+    total = accumulate_exact(residual_tensors(big), step)
+    assert total["w.U"].shape == (8, 2)
+    np.testing.assert_allclose(dense_residual(total)["w"], dense(big["w"]) + dense(step["w"]),
+                               atol=1e-6)
 
 
-def test_fold_over_the_budget_keeps_the_larger_direction_and_reports_what_it_dropped() -> None:
+def test_a_catch_up_over_the_limit_keeps_the_larger_direction_and_reports_what_it_dropped() -> None:
     cumulative, increment = orthogonal_pair()
-    # Execute
-    folded = fold(cumulative, increment, max_rank=1)
-    # Assert: the increment's σ = 3 direction survives, the cumulative's σ = 2 one is dropped
-    np.testing.assert_allclose(dense(folded.residual["w"]), dense(increment["w"]), atol=1e-6)
-    assert folded.ranks == {"w": 1}
-    assert folded.truncation_error == pytest.approx(2.0 / np.sqrt(2.0**2 + 3.0**2), rel=1e-9)
+    total = accumulate_exact(residual_tensors(cumulative), increment)  # 12 floats, 48 bytes
+    # Within the limit the copy is R_t itself
+    exact, error = catch_up(total, reserved_bytes=0, limit_bytes=48)
+    assert error == 0.0 and exact.keys() == total.keys()
+    # One rank of a 3×4 layer costs 4·(3 + 4) = 28 bytes: 40 bytes leave room for rank 1 only
+    copy, error = catch_up(total, reserved_bytes=0, limit_bytes=40)
+    # Assert: the σ = 3 direction survives, the σ = 2 one is dropped: error 2 / sqrt(2² + 3²)
+    np.testing.assert_allclose(dense_residual(copy)["w"], dense(increment["w"]), atol=1e-6)
+    assert copy["w.U"].shape == (3, 1)
+    assert error == pytest.approx(2.0 / np.sqrt(2.0**2 + 3.0**2), rel=1e-6)
 
 
-def test_fold_error_is_over_all_layers_and_one_sided_layers_are_kept() -> None:
-    # Prepare: layer "x" truncates (drops σ = 1 of σ = 1, 2), "y" is in the cumulative only
-    # (σ = 2), "z" in the increment only (σ = 4).
-    cumulative = {"x": (e(2, 0), e(2, 0).T), "y": (2.0 * e(2, 1), e(2, 0).T)}
-    increment = {"x": (2.0 * e(2, 1), e(2, 1).T), "z": (4.0 * e(2, 0), e(2, 1).T)}
-    # Execute
-    folded = fold(cumulative, increment, max_rank=1)
+def test_catch_up_error_is_over_all_layers() -> None:
+    # Prepare: layer "x" holds σ = 1, 2 (truncates to rank 1), "y" holds σ = 2, "z" σ = 4
+    cumulative = accumulate_exact({}, {"x": (np.hstack([e(8, 0), 2.0 * e(8, 1)]),
+                                             np.vstack([e(8, 0).T, e(8, 1).T])),
+                                       "y": (2.0 * e(8, 1), e(8, 0).T),
+                                       "z": (4.0 * e(8, 0), e(8, 1).T)})
+    # One rank of the three 8×8 layers costs 4·16·3 = 192 bytes: 200 bytes hold rank 1
+    copy, error = catch_up(cumulative, reserved_bytes=0, limit_bytes=200)
     # Assert: ‖dropped‖² = 1, ‖exact‖² = 1 + 4 + 4 + 16
-    assert folded.ranks == {"x": 1, "y": 1, "z": 1}
-    np.testing.assert_allclose(dense(folded.residual["x"]), dense(increment["x"]), atol=1e-6)
-    np.testing.assert_allclose(dense(folded.residual["y"]), dense(cumulative["y"]), atol=1e-6)
-    np.testing.assert_allclose(dense(folded.residual["z"]), dense(increment["z"]), atol=1e-6)
-    assert folded.truncation_error == pytest.approx(1.0 / 5.0, rel=1e-9)
+    assert {copy[f"{n}.U"].shape[1] for n in "xyz"} == {1}
+    assert error == pytest.approx(1.0 / 5.0, rel=1e-6)  # R_t is kept in float32
 
 
-def test_fold_drops_cancelled_directions_and_rejects_bad_input() -> None:
+def test_cancelled_directions_leave_rank_zero_and_bad_input_is_refused() -> None:
     u, v = np.ones((3, 1)), np.ones((1, 5))
-    folded = fold({"w": (u, v)}, {"w": (-u, v)}, max_rank=3)
-    assert folded.ranks == {"w": 0} and folded.truncation_error == 0.0
-    assert fold({}, {}, max_rank=0) == Folded({}, 0.0, {})
-    with pytest.raises(ValueError, match="max_rank"):
-        fold({"w": (u, v)}, {}, max_rank=-1)
+    total = accumulate_exact(residual_tensors({"w": (u, v)}), {"w": (-u, v)})
+    assert total["w.U"].shape == (3, 0)
+    assert accumulate_exact({}, {}) == {}
     with pytest.raises(ValueError, match="'w'"):
-        fold({"w": (u, v)}, {"w": (np.ones((4, 1)), v)}, max_rank=2)
+        accumulate_exact(residual_tensors({"w": (u, v)}), {"w": (np.ones((4, 1)), v)})
 
 
 # --- wire form and scaling ------------------------------------------------------------------
@@ -241,91 +249,85 @@ def test_manifest_lora_scaling_matches_peft() -> None:
 
 
 @pytest.mark.usefixtures("one_blas_thread")
-def test_thirty_rounds_of_minilm_globals_fit_the_payload_limit() -> None:
+def test_thirty_rounds_of_minilm_stay_exact_and_within_the_payload_limit() -> None:
     # Prepare
     rng = np.random.default_rng(42)
-    start = minilm_adapter(rng)
-    budget = rank_budget(MINILM_LAYERS, adapter_bytes(start) + CODEC_MARGIN, MAX_PAYLOAD_BYTES)
     scaling = {layer: MINILM_ALPHA / MINILM_R for layer in MINILM_LAYERS}
     cumulative: dict = {}
     exact_sum = {layer: np.zeros(shape) for layer, shape in MINILM_LAYERS.items()}
-    added_rank, sizes = 0, []
+    added_rank = 0
     for t in range(32):
         k = int(rng.integers(3, 11))
         updates = [(minilm_adapter(rng), float(rng.uniform(1.0, 100.0))) for _ in range(k)]
         adapter, res = exact_aggregate(updates)
-        increment = scaled(res, scaling)
-        before = {layer: dense(f) for layer, f in cumulative.items()}
-        # Execute
-        folded = fold(cumulative, increment, budget)
+        step = scaled(res, scaling)
+        # Execute: the ledger adds the step; the global carries only the step
+        cumulative = accumulate_exact(cumulative, step)
         payload = codec.encode_global(GlobalModel(
-            "fed", t, "ab" * 32, adapter, base_residual=residual_tensors(folded.residual)))
+            "fed", t + 1, "ab" * 32, adapter, residual=True,
+            residual_step=residual_tensors(step)))
+        copy, error = catch_up_copy(cumulative)
+        catch_up_payload = codec.encode_residual(ResidualModel("fed", t + 1, "ab" * 32, copy,
+                                                               error))
         # Assert: random updates are in general position, so each round adds (K−1)·r to the rank
         added_rank += (k - 1) * MINILM_R
-        sizes.append(len(payload))
-        assert len(payload) <= MAX_PAYLOAD_BYTES
-        assert folded.ranks == {layer: min(added_rank, budget) for layer in MINILM_LAYERS}
-        for layer, (u, v) in folded.residual.items():
-            assert u.shape == (384, folded.ranks[layer]) == v.T.shape
-        if added_rank <= budget:  # nothing truncated yet: the sum of every increment, exactly
-            assert folded.truncation_error == 0.0
-            for layer, f in increment.items():
-                exact_sum[layer] += dense(f)
-                got = dense(folded.residual[layer])
-                assert np.linalg.norm(got - exact_sum[layer]) <= 1e-5 * np.linalg.norm(
-                    exact_sum[layer])
-        else:  # the reported error is that of the kept factors against this fold's exact sum
-            exact = {layer: before.get(layer, 0.0) + dense(f) for layer, f in increment.items()}
-            dropped = sum(np.sum((exact[n] - dense(folded.residual[n])) ** 2) for n in exact)
-            total = sum(np.sum(x**2) for x in exact.values())
-            assert 0.0 < folded.truncation_error < 1.0
-            assert folded.truncation_error == pytest.approx(np.sqrt(dropped / total), rel=1e-4)
-        cumulative = folded.residual
-    # Assert: the rank reached the budget and stayed there; devices read back the same factors
-    assert added_rank > budget and set(folded.ranks.values()) == {budget}
-    back = residual_from_tensors(codec.decode_global(payload).base_residual)
+        assert len(payload) <= MAX_PAYLOAD_BYTES and len(catch_up_payload) <= MAX_PAYLOAD_BYTES
+        # the global's size depends on this round's K only, never on t
+        step_bytes = 4 * (k - 1) * MINILM_R * sum(a + b for a, b in MINILM_LAYERS.values())
+        assert len(payload) <= step_bytes + adapter_bytes(adapter) + 64 * 1024
+        for layer, f in step.items():
+            assert f[0].shape[1] == (k - 1) * MINILM_R  # a step never grows with t
+            exact_sum[layer] += dense(f)
+        # exact every round, factored up to the crossover (192) and dense after it
+        got = dense_residual(cumulative)
+        for layer in MINILM_LAYERS:
+            assert np.linalg.norm(got[layer] - exact_sum[layer]) <= 1e-5 * np.linalg.norm(
+                exact_sum[layer])
+        assert ledger_rank(cumulative) == (added_rank if added_rank <= 192 else 384)
+        assert all(k.endswith(".dense") for k in cumulative) == (added_rank > 192)
+        # 12 dense 384×384 layers (7.1 MB) still fit: the catch-up copy is exact too
+        assert error == 0.0
+    assert added_rank > 384
+    back = codec.decode_residual(catch_up_payload)
     for layer in MINILM_LAYERS:
-        np.testing.assert_array_equal(back[layer][0], cumulative[layer][0])
-    # the budget is used, not wasted (zstd shaves ~8% off normal float32 data)
-    assert max(sizes) > 0.75 * MAX_PAYLOAD_BYTES
+        np.testing.assert_array_equal(dense_residual(back.residual)[layer],
+                                      dense_residual(cumulative)[layer])
 
 
 @pytest.mark.usefixtures("one_blas_thread")
-def test_a_tighter_limit_binds_by_bytes() -> None:
-    # 4 MiB: the budget (103) is set by bytes, and the encoded globals stay within them.
+def test_a_tighter_limit_truncates_only_the_catch_up_copy() -> None:
+    # 4 MiB: 12 dense MiniLM layers (7.1 MB) no longer fit; devices that follow every step
+    # stay exact, the catch-up copy is truncated to the rank the bytes allow and says so
     rng = np.random.default_rng(7)
-    limit = 4 * 1024 * 1024
-    start = minilm_adapter(rng)
-    budget = rank_budget(MINILM_LAYERS, adapter_bytes(start) + CODEC_MARGIN, limit)
     scaling = {layer: MINILM_ALPHA / MINILM_R for layer in MINILM_LAYERS}
     cumulative: dict = {}
-    for t in range(3):
+    for _ in range(3):
         updates = [(minilm_adapter(rng), 1.0 + k) for k in range(10)]  # +72 rank per round
-        adapter, res = exact_aggregate(updates)
-        cumulative = fold(cumulative, scaled(res, scaling), budget).residual
-        payload = codec.encode_global(GlobalModel(
-            "fed", t, "ab" * 32, adapter, base_residual=residual_tensors(cumulative)))
-        assert len(payload) <= limit
-    assert {u.shape[1] for u, _ in cumulative.values()} == {budget} == {103}
+        cumulative = accumulate_exact(cumulative, scaled(exact_aggregate(updates)[1], scaling))
+    limit = 4 * 1024 * 1024
+    copy, error = catch_up(cumulative, reserved_bytes=64 * 1024, limit_bytes=limit)
+    rank = (limit - 64 * 1024) // (4 * 768 * len(MINILM_LAYERS))  # 112
+    assert {copy[f"{layer}.U"].shape[1] for layer in MINILM_LAYERS} == {rank} == {112}
+    full, sent = dense_residual(cumulative), dense_residual(copy)
+    dropped = sum(np.sum((full[n].astype(np.float64) - sent[n]) ** 2) for n in full)
+    total = sum(np.sum(full[n].astype(np.float64) ** 2) for n in full)
+    assert 0.0 < error < 1.0
+    assert error == pytest.approx(np.sqrt(dropped / total), rel=1e-3)
 
 
 def test_an_oversized_global_raises_payload_too_large() -> None:
-    # Prepare: rank 300 on every MiniLM layer (12·300·768·4 ≈ 11 MB), past what devices accept
+    # Prepare: a rank-300 step on every MiniLM layer (12·300·768·4 ≈ 11 MB)
     rng = np.random.default_rng(3)
-    residual = {layer: (rng.normal(size=(384, 300)).astype(np.float32),
-                        rng.normal(size=(300, 384)).astype(np.float32)) for layer in MINILM_LAYERS}
-    message = GlobalModel("fed", 5, "ab" * 32, minilm_adapter(rng),
-                          base_residual=residual_tensors(residual))
+    step = {layer: (rng.normal(size=(384, 300)).astype(np.float32),
+                    rng.normal(size=(300, 384)).astype(np.float32)) for layer in MINILM_LAYERS}
+    message = GlobalModel("fed", 5, "ab" * 32, minilm_adapter(rng), residual=True,
+                          residual_step=residual_tensors(step))
     # Execute / Assert
     with pytest.raises(PayloadTooLarge) as caught:
         codec.encode_global(message)
     text = str(caught.value)
     assert isinstance(caught.value, ValueError) and "\n" not in text
-    assert str(MAX_PAYLOAD_BYTES) in text and "base_residual" in text and "rank up to 300" in text
-    # the same global within the budget encodes
-    small = {layer: (u[:, :100], v[:100]) for layer, (u, v) in residual.items()}
-    codec.encode_global(GlobalModel("fed", 5, "ab" * 32, message.adapter,
-                                    base_residual=residual_tensors(small)))
+    assert str(MAX_PAYLOAD_BYTES) in text and "residual step" in text
 
 
 def test_rank_caps_stop_each_layer_at_its_own_crossover() -> None:
@@ -335,10 +337,13 @@ def test_rank_caps_stop_each_layer_at_its_own_crossover() -> None:
     assert rank_caps(shapes, reserved_bytes=0, limit_bytes=10_000) == {"a": 2, "b": 4}
     # one rank of both layers costs 4·(8 + 16) = 96 bytes: 200 bytes hold rank 2 of each
     assert rank_caps(shapes, reserved_bytes=0, limit_bytes=200) == {"a": 2, "b": 2}
-    # per-layer caps through fold: "a" is truncated at 2 while "b" keeps rank 3
+    # per-layer caps in a catch-up copy: "a" (rank 3 > its crossover: dense) is cut to 2,
+    # "b" keeps its 3 (4·24·3 = 288 bytes of factors: over 250 only because of "a")
     rng = np.random.default_rng(0)
     inc = {name: (rng.standard_normal((d, 3)), rng.standard_normal((3, d)))
            for name, (d, _) in shapes.items()}
-    folded = fold({}, inc, {"a": 2, "b": 4})
-    assert folded.ranks == {"a": 2, "b": 3}
-    assert 0 < folded.truncation_error < 1
+    total = accumulate_exact({}, inc)
+    assert set(total) == {"a.dense", "b.U", "b.V"}
+    copy, error = catch_up(total, reserved_bytes=0, limit_bytes=250)
+    assert copy["a.U"].shape[1] == 2 and copy["b.U"].shape[1] == 2  # the payload rank is 2
+    assert 0 < error < 1

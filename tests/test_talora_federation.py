@@ -14,7 +14,9 @@ from aggregator.store import GlobalStore
 from edge_client.agent import DeviceAgent
 from edge_client.data import device_partitions
 from edge_client.trainer import make_trainer
-from protocol.codec import decode_global, split_global_tensors
+from aggregator.rounds import GlobalState
+from protocol.codec import decode_global
+from protocol.residual import dense_residual
 from protocol import topics
 from protocol.manifest import load_manifest
 from protocol.messages import GlobalModel, TrainConfig
@@ -66,7 +68,7 @@ def test_fed_talora_trains_one_adapter_through_the_task_sequence(
     assert announced[len(SCHEDULE) - 1] == (4, (8, 9))  # retained + republished: the last two
     assert [len(r.devices) for r in records] == [2] * len(SCHEDULE)
     for round_number, classes in enumerate(SCHEDULE):
-        start, _, _ = split_global_tensors(store.global_at(round_number))
+        start = GlobalState.from_tensors(round_number, store.global_at(round_number), {}).adapter
         others = np.setdiff1d(np.arange(10), classes)
         for adapter, _ in store.accepted_adapters(round_number):
             # No parameter growth: every update is the same adapter as the initial one
@@ -79,13 +81,13 @@ def test_fed_talora_trains_one_adapter_through_the_task_sequence(
             assert np.abs(adapter["head.weight"][list(classes)]
                           - start["head.weight"][list(classes)]).max() > 1e-4
     # Residual calibration: the final global carries the cumulative residual as factors
-    final, residual, _ = split_global_tensors(store.global_at(len(SCHEDULE)))
-    assert {k.rsplit(".", 1)[0] for k in residual} == {"fc1", "fc2"}
+    last = GlobalState.from_tensors(len(SCHEDULE), store.global_at(len(SCHEDULE)), {})
+    final, residual = last.adapter, dense_residual(last.residual)
+    assert set(residual) == {"fc1", "fc2"}
 
     # The final model, with its residual, classifies all ten classes without a task id
     evaluator = make_trainer("onnxruntime", cnn_artifacts)
-    evaluator.set_base_delta({layer: residual[f"{layer}.U"] @ residual[f"{layer}.V"]
-                              for layer in ("fc1", "fc2")})
+    evaluator.set_base_delta(residual)
     evaluator.set_adapter(final)
     test = fmnist.load("t10k").subset(np.arange(1024))
     predicted = np.concatenate([evaluator.logits(test.x[i : i + 32]).argmax(1)

@@ -211,6 +211,13 @@ class MqttTransport:
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Unsubscribe now, and no longer subscribe after a reconnect."""
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish and, for QoS >= 1, wait for the broker's ack."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
