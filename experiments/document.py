@@ -73,8 +73,9 @@ NOTES = """\
   accuracy (multi-task: mean device accuracy) peaks. Numbers are mean ± sample standard deviation
   over the seeds, which change the splits, the initial adapter and the batch order.
 - Bytes are float32 tensor payloads summed over all devices per round, without the codec's
-  header and zstd compression. Exact aggregation adds the cumulative factored residual, as the
-  gateway sends it with every global, to every download.
+  header and zstd compression. Exact aggregation adds what each device receives of the
+  residual, as at the gateway: the round's step when it is level with the previous round, the
+  catch-up copy of the cumulative residual otherwise.
 - Diagnostics: ‖R‖ / ‖B̄Ā‖ is the Frobenius size of the exactness residual next to the averaged
   LoRA update (mean over rounds): the share of the global update that FedAvg gets wrong. Gate
   flips: the fraction of fc1/fc2 units, on the test set after training, where FedSQ's fixed gate
@@ -86,10 +87,10 @@ NOTES = """\
 - **FLORA** (arXiv 2404.15182): only its aggregation is used, sample-weighted FedAvg of A and B
   separately; the CLIP model, contrastive loss and Adam of the paper are not.
 - **Exact aggregation** (FedEx-LoRA, arXiv 2410.09432): the residual Σp_k B_k A_k − B̄Ā is folded
-  into every device's frozen weights each round. As at the gateway, every global carries the
-  cumulative residual in factored form (not the paper code's dense matrix), re-factored exactly
-  each round and truncated to each layer's factor/dense crossover rank d_out·d_in/(d_out+d_in)
-  (within the payload limit) once it outgrows it; the truncation error is reported.
+  into every device's frozen weights each round. As at the gateway, the server keeps the
+  cumulative residual exactly (factored up to each layer's crossover rank d_out·d_in/(d_out+d_in),
+  dense past it), each global carries only the round's step in factored form (not the paper
+  code's dense matrix), and a device that missed rounds takes a catch-up copy of the cumulative.
 - **FedSQ** (arXiv 2604.02990): the paper averages full weights of AlexNet/ResNet-18; here the
   quantitative copy is LoRA on fc1/fc2 with gates from the frozen pretrained fc1/fc2, a design
   extension. The per-layer gating form is [UNVERIFIED]; the convolutions are frozen, so only the
