@@ -108,27 +108,16 @@ def _status_mib(field: str) -> float:
 
 def training_data(workload: str, batch: int, count: int, seed: int = 0
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`count` real training batches of `workload`: Fashion-MNIST images or tokenized fortunes."""
+    """`count` real training batches of `workload`, in its model's input format."""
+    from workloads.base import private_pool
+    from workloads.registry import get_workload_data
+
+    pool = private_pool(get_workload_data(workload))
     rng = np.random.default_rng(seed)
-    if workload == "fmnist-cnn":
-        from workloads import fmnist
-
-        _, private = fmnist.public_and_private(fmnist.load("train"))
-        x, y = private.x, private.y
-    elif workload == "minilm-fortunes":
-        from workloads import fortunes
-        from workloads.minilm import MiniLmFortunes
-
-        texts, labels = fortunes.load_fortunes()
-        train, _ = fortunes.train_test_split(labels)
-        pick = rng.choice(train, size=min(len(train), batch * count), replace=False)
-        x, y = MiniLmFortunes().tokenize([texts[i] for i in pick]), labels[pick]
-    else:
-        raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
     batches = []
     for _ in range(count):
-        idx = rng.choice(len(y), size=batch, replace=False)
-        batches.append((np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx])))
+        idx = rng.choice(len(pool), size=batch, replace=False)
+        batches.append((np.ascontiguousarray(pool.x[idx]), np.ascontiguousarray(pool.y[idx])))
     return batches
 
 

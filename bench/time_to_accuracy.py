@@ -50,16 +50,16 @@ def centralized(steps_per_round: list[int], learning_rate: float, eval_size: int
 
     from edge_client.trainer import evaluate_dataset, make_trainer, train_local
     from export.build import build_artifacts
-    from workloads import fmnist
+    from workloads.base import private_pool
+    from workloads.registry import get_workload_data
 
     artifacts = build_artifacts("fmnist-cnn")
     trainer = make_trainer("torch", artifacts, learning_rate)
     evaluator = make_trainer("onnxruntime", artifacts)  # what the federation scores with
     initial = load_file(str(artifacts / trainer.manifest.files["adapter_init"]))
     trainer.set_adapter(initial)
-    _, private = fmnist.public_and_private(fmnist.load("train"))
-    test = fmnist.load("t10k")
-    test = test.subset(np.arange(min(eval_size, len(test))))
+    data = get_workload_data("fmnist-cnn")
+    private, test = private_pool(data), data.test_data(eval_size)
     rng = np.random.default_rng(seed)
 
     def score() -> float:

@@ -1,4 +1,4 @@
-"""Local data of emulated devices: Dirichlet shares of Fashion-MNIST's private part."""
+"""Local data of emulated devices: a workload's Dirichlet shares, and FL-TAC's local tasks."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workloads import fmnist
-
-MIN_EXAMPLES = 64  # every device must fill a couple of 32-example batches
+from workloads.base import WorkloadData, capability
+from workloads.data import Dataset
+from workloads.registry import get_workload_data
 
 
 @dataclass(frozen=True)
@@ -21,36 +21,36 @@ class LocalTask:
 
 
 def device_partitions(
-    num_devices: int, alpha: float, seed: int
-) -> tuple[fmnist.Dataset, list[np.ndarray]]:
-    """The private training data and each device's indices into it (non-IID, Dirichlet)."""
-    _, private = fmnist.public_and_private(fmnist.load("train"))
-    parts = fmnist.dirichlet_split(
-        private.y, num_devices, alpha, np.random.default_rng(seed), min_size=MIN_EXAMPLES
-    )
-    return private, parts
+    num_devices: int, alpha: float, seed: int, workload: str = "fmnist-cnn"
+) -> tuple[Dataset, list[np.ndarray]]:
+    """Every device's share at once: the shares concatenated, and each device's indices into it.
 
-
-def device_data(index: int, num_devices: int, alpha: float, seed: int) -> fmnist.Dataset:
-    """Data of device `index` of `num_devices` (the same split on every process for one seed)."""
-    if not 0 <= index < num_devices:
-        raise ValueError(f"device index {index} outside 0..{num_devices - 1}")
-    private, parts = device_partitions(num_devices, alpha, seed)
-    return private.subset(parts[index])
-
-
-def multitask_tasks(data: fmnist.Dataset, seed: int) -> dict[str, LocalTask]:
-    """Split one device's share into two local tasks over disjoint images (FL-TAC's setting).
-
-    One half is labelled by clothing type, the other by garment group
-    (fmnist.TASK_LABELLINGS). Keys are the true labelling; slot names are "t0"/"t1" in a
-    random order per device, so they tell the aggregator nothing about the task.
+    `pool.subset(parts[i])` is `device_data(i, ...)` of the workload (tests weigh shares by it).
     """
+    data = get_workload_data(workload)
+    shares = [data.device_data(i, num_devices, alpha, seed) for i in range(num_devices)]
+    bounds = np.cumsum([0, *(len(s) for s in shares)])
+    pool = Dataset(np.concatenate([s.x for s in shares]), np.concatenate([s.y for s in shares]),
+                   shares[0].source)
+    return pool, [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def multitask_tasks(workload: WorkloadData, data: Dataset, seed: int) -> dict[str, LocalTask]:
+    """Split one device's share into local tasks over disjoint examples (FL-TAC's setting).
+
+    Each part is labelled by one of the workload's task labellings (Fashion-MNIST: clothing type,
+    garment group). Keys are the true labelling; slot names are "t0", "t1", ... in a random
+    order per device, so they tell the aggregator nothing about the task.
+
+    Raises:
+        ValueError: The workload has no multi-task split.
+    """
+    labellings: tuple[str, ...] = capability(workload, "task_labellings")  # type: ignore
+    relabel = workload.task_labels  # type: ignore[attr-defined]  (present with the labellings)
     rng = np.random.default_rng(seed)
-    halves = np.array_split(rng.permutation(len(data)), len(fmnist.TASK_LABELLINGS))
-    slots = rng.permutation(len(fmnist.TASK_LABELLINGS))
+    parts = np.array_split(rng.permutation(len(data)), len(labellings))
+    slots = rng.permutation(len(labellings))
     return {
-        task: LocalTask(f"t{slot}", data.x[np.sort(half)],
-                        fmnist.task_labels(task, data.y[np.sort(half)]))
-        for task, half, slot in zip(fmnist.TASK_LABELLINGS, halves, slots, strict=True)
+        task: LocalTask(f"t{slot}", data.x[np.sort(part)], relabel(task, data.y[np.sort(part)]))
+        for task, part, slot in zip(labellings, parts, slots, strict=True)
     }

@@ -17,9 +17,11 @@ import numpy as np
 from edge_client.agent import DeviceAgent, device_seed
 from edge_client.data import LocalTask, multitask_tasks
 from edge_client.trainer import Trainer, make_trainer
+from protocol.manifest import load_manifest
 from protocol.messages import GlobalModel, Update, slot_key
 from transport.mqtt import MqttTransport
-from workloads import fmnist
+from workloads.base import WorkloadData
+from workloads.registry import get_workload_data
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class FleetConfig:
     slowdown: tuple[float, float] = (1.0, 1.0)  # per-device compute slowdown, drawn uniformly
     dropout: float = 0.0  # chance a device sits a round out
     connection_loss: float = 0.0  # chance a device loses its link before sending an update
-    multitask: bool = False  # FL-TAC: each device holds a type task and a group task
+    multitask: bool = False  # FL-TAC: each device holds one task per labelling of the workload
 
     def __post_init__(self) -> None:
         if self.devices <= 0:
@@ -87,33 +89,22 @@ def fleet_device_id(index: int) -> str:
     return f"dev-{index:05d}"
 
 
-def _fleet_split(config: FleetConfig) -> tuple[fmnist.Dataset, list[np.ndarray],
-                                               np.random.Generator]:
-    """The private data, every device's Dirichlet share, and the generator that drew them
-    (build_fleet draws the devices' slowdowns from it next)."""
-    _, private = fmnist.public_and_private(fmnist.load("train"))
-    rng = np.random.default_rng(config.seed)
-    parts = fmnist.dirichlet_split(private.y, config.devices, config.alpha, rng, min_size=1)
-    return private, parts, rng
+def _device_tasks(config: FleetConfig, data: WorkloadData, index: int) -> dict[str, LocalTask]:
+    """A multi-task device's local tasks, keyed by their true labelling."""
+    share = data.device_data(index, config.devices, config.alpha, config.seed)
+    return multitask_tasks(data, share, device_seed(fleet_device_id(index)) ^ config.seed)
 
 
-def _device_tasks(config: FleetConfig, private: fmnist.Dataset, part: np.ndarray,
-                  device_id: str) -> dict[str, LocalTask]:
-    """A multi-task device's two local tasks, keyed by their true labelling."""
-    return multitask_tasks(private.subset(part), device_seed(device_id) ^ config.seed)
-
-
-def fleet_task_kinds(config: FleetConfig) -> dict[str, str]:
-    """Slot -> true labelling (type or group) of every task slot of a multi-task fleet.
+def fleet_task_kinds(config: FleetConfig, workload: str) -> dict[str, str]:
+    """Slot -> true labelling (e.g. type or group) of every task slot of a multi-task fleet.
 
     For scoring only: the aggregator is never told which task a slot serves.
     """
-    private, parts, _ = _fleet_split(config)
+    data = get_workload_data(workload)
     kinds = {}
-    for i, part in enumerate(parts):
-        device_id = fleet_device_id(i)
-        kinds |= {slot_key(device_id, task.name): kind
-                  for kind, task in _device_tasks(config, private, part, device_id).items()}
+    for i in range(config.devices):
+        kinds |= {slot_key(fleet_device_id(i), task.name): kind
+                  for kind, task in _device_tasks(config, data, i).items()}
     return kinds
 
 
@@ -122,17 +113,19 @@ def build_fleet(config: FleetConfig, host: str, port: int, federation: str, arti
                 indices: range | None = None) -> list[EmulatedDevice]:
     """Create devices `indices` of the fleet (not yet connected): data, trainers, behaviours.
 
+    The devices hold shares of the data of the workload the artifacts were exported for.
+
     Every process computes the same split from the seed, so slices built in different worker
     processes never overlap.
     """
-    private, parts, rng = _fleet_split(config)
-    slowdowns = rng.uniform(*config.slowdown, size=config.devices)
+    workload = get_workload_data(load_manifest(artifacts).workload)
+    # Drawn for the whole fleet, so a device's slowdown does not depend on the slice it is in.
+    slowdowns = np.random.default_rng(config.seed).uniform(*config.slowdown, size=config.devices)
     trainers: dict[str, tuple[Trainer, threading.Lock]] = {
         b: (make_trainer(b, artifacts), threading.Lock()) for b in config.backends
     }
     devices = []
     for i in indices if indices is not None else range(config.devices):
-        part = parts[i]
         device_id = fleet_device_id(i)
         trainer, lock = trainers[config.backends[i % len(config.backends)]]
         transport = MqttTransport(host, port, f"{federation}-{device_id}",
@@ -141,9 +134,10 @@ def build_fleet(config: FleetConfig, host: str, port: int, federation: str, arti
         seed = device_seed(device_id) ^ config.seed
         if config.multitask:
             data = {"inputs": None, "labels": None,
-                    "tasks": list(_device_tasks(config, private, part, device_id).values())}
+                    "tasks": list(_device_tasks(config, workload, i).values())}
         else:
-            data = {"inputs": private.x[part], "labels": private.y[part]}
+            share = workload.device_data(i, config.devices, config.alpha, config.seed)
+            data = {"inputs": share.x, "labels": share.y}
         devices.append(EmulatedDevice(
             device_id, federation, trainer, transport=transport, state_dir=state_dir, seed=seed,
             lock=lock, slowdown=float(slowdowns[i]), dropout=config.dropout,

@@ -19,16 +19,26 @@ ConfigT = TypeVar("ConfigT")
 
 
 def quiet_third_party(runtimes: bool = True) -> None:
-    """Silence chatty libraries (export, runtimes, brokers) below ERROR.
+    """Keep libraries' chatter off the terminal (logs, warnings, native prints) below ERROR.
 
-    `runtimes=False` leaves ONNX Runtime unimported: the gateway must not load it (it maps
-    libtorch-sized libraries into the aggregator's memory).
+    Call before torch is imported (its own logging switch is read then). `runtimes=False` leaves
+    ONNX Runtime unimported: the gateway must not load it (it maps libtorch-sized libraries into
+    the aggregator's memory).
     """
+    from edge_client.native_logs import set_quiet
+
     # Export and runtime libraries are chatty at INFO; keep the user's terminal for our output.
-    for name in ("root", "amqtt", "transitions", "torch", "torchao", "onnxruntime", "executorch"):
+    for name in ("root", "amqtt", "transitions", "torch", "torchao", "onnxruntime", "executorch",
+                 "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
+    # torch resets its loggers when imported, so only its own switch holds: "-torch" is ERROR for
+    # the whole torch tree (torchao's import makes torch.utils._pytree warn about Enum constants).
+    os.environ.setdefault("TORCH_LOGS", "-torch")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # The tokenizer's thread pool warns when a process forks later (the broker is a subprocess).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_quiet(True)  # ExecuTorch's cpuinfo lines, ONNX Runtime's session warnings (C++ prints)
     if not runtimes:
         return
     try:
@@ -72,19 +82,29 @@ def dp_report(args: argparse.Namespace) -> str | None:
 
 
 def task_schedule(args: argparse.Namespace) -> tuple[tuple[int, ...], ...]:
-    """--task-schedule "0,1;2,3;..." as class tuples; fed-talora defaults to Fashion-MNIST 5x2."""
+    """--task-schedule "0,1;2,3;..." as class tuples; fed-talora defaults to the workload's."""
     text = getattr(args, "task_schedule", None)
     if not text:
         if args.strategy == "fed-talora":
-            from workloads.fmnist import INCREMENTAL_TASKS
-
-            return INCREMENTAL_TASKS
+            return _capability(args.workload, "incremental_tasks")  # type: ignore[return-value]
         return ()
     try:
         return tuple(tuple(int(c) for c in task.split(",")) for task in text.split(";"))
     except ValueError as exc:
         raise SystemExit(f"--task-schedule: expected class ids like '0,1;2,3', got {text!r}") \
             from exc
+
+
+def _capability(workload: str, attribute: str) -> object:
+    """A workload's optional capability (workloads.base.CAPABILITIES), or a one-line exit."""
+    # The data half only: the gateway's aggregator command asks this too, and has no torch.
+    from workloads.base import capability
+    from workloads.registry import get_workload_data
+
+    try:
+        return capability(get_workload_data(workload), attribute)
+    except ValueError as exc:
+        raise SystemExit(f"edgefl: {exc}") from exc
 
 
 def _config(kind: type[ConfigT], **fields: object) -> ConfigT:
@@ -213,15 +233,21 @@ def _allowed_devices(args: argparse.Namespace, signed: bool) -> frozenset[str] |
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    """Run one emulated device: a Dirichlet share of Fashion-MNIST, trained with a backend."""
+    """Run one emulated device: a Dirichlet share of the workload's data, trained with a backend."""
     from edge_client.agent import DeviceAgent, device_seed
-    from edge_client.data import device_data, multitask_tasks
+    from edge_client.data import multitask_tasks
     from edge_client.trainer import make_trainer
+    from protocol.manifest import load_manifest
     from transport import TransportError
     from transport.mqtt import MqttTransport
+    from workloads.registry import get_workload_data
 
+    if args.multitask:
+        _capability(args.workload, "task_labellings")  # before any export or connection
     artifacts = _artifacts(args)
-    data = device_data(args.index, args.num_devices, args.alpha, args.seed)
+    # The artifacts say which workload they were exported for (--artifacts may name any folder).
+    workload = get_workload_data(load_manifest(artifacts).workload)
+    data = workload.device_data(args.index, args.num_devices, args.alpha, args.seed)
     device_id = args.device_id or f"device-{args.index:03d}"
     secure = _gateway_connection(args, device_id)
     signing_key = None
@@ -233,8 +259,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     # and its ACL patterns match on that, not on the client id.
     transport = MqttTransport(secure["host"], secure["port"], f"{args.federation}-{device_id}",
                               will=DeviceAgent.will(args.federation, device_id), tls=secure["tls"])
-    # --multitask (FL-TAC): two local tasks over disjoint halves of the share, one adapter each
-    tasks = list(multitask_tasks(data, device_seed(device_id)).values()) if args.multitask else []
+    # --multitask (FL-TAC): one local task per labelling, disjoint parts of the share
+    tasks = (list(multitask_tasks(workload, data, device_seed(device_id)).values())
+             if args.multitask else [])
     agent = DeviceAgent(device_id, args.federation, make_trainer(args.backend, artifacts),
                         None if tasks else data.x, None if tasks else data.y, transport,
                         Path(args.state_dir), device_seed(device_id), signing_key=signing_key,
@@ -248,19 +275,30 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _federation_config(args: argparse.Namespace, out: str) -> object:
+    """The demo's or emulate's run: flags, else the workload's defaults for that command."""
     from edge_client.fleet import FleetConfig
     from edgefl.demo import FederationConfig
+    from workloads.registry import get_workload_data
+
+    data = get_workload_data(args.workload)
+    size = data.demo if args.command == "demo" else data.emulate
+
+    def given(value: object, default: object) -> object:
+        return default if value is None else value
 
     lo, _, hi = args.slowdown.partition(",")
     fleet = _config(
         FleetConfig,
-        devices=args.devices, backends=tuple(args.backends.split(",")), alpha=args.alpha,
-        seed=args.seed, slowdown=(float(lo), float(hi or lo)), dropout=args.dropout,
-        connection_loss=args.connection_loss, multitask=args.strategy == "fltac",
+        devices=given(args.devices, size.devices), backends=tuple(args.backends.split(",")),
+        alpha=args.alpha, seed=args.seed, slowdown=(float(lo), float(hi or lo)),
+        dropout=args.dropout, connection_loss=args.connection_loss,
+        multitask=args.strategy == "fltac",
     )
     return _config(
-        FederationConfig, fleet=fleet, rounds=args.rounds, local_steps=args.local_steps,
-        learning_rate=args.lr, participation=args.participation, quorum=args.quorum, deadline_s=args.deadline,
+        FederationConfig, fleet=fleet, rounds=given(args.rounds, size.rounds),
+        local_steps=given(args.local_steps, size.local_steps),
+        learning_rate=given(args.lr, size.learning_rate), participation=args.participation,
+        quorum=args.quorum, deadline_s=args.deadline,
         mode=args.mode, out_dir=Path(args.out or out), broker=args.broker,
         update_encoding=args.update_encoding, update_topk=args.update_topk,
         strategy=args.strategy, workload=args.workload, num_clusters=args.clusters,
@@ -371,16 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multitask", action="store_true",
-                   help="FL-TAC device: two local tasks (clothing type, garment group)")
+                   help="FL-TAC device: one local task per labelling of the workload "
+                        "(Fashion-MNIST: clothing type, garment group)")
     p.set_defaults(func=cmd_client)
 
-    def federation_args(p: argparse.ArgumentParser, devices: int, backends: str, rounds: int,
-                        steps: int, participation: float, deadline: float) -> None:
-        p.add_argument("--devices", type=int, default=devices)
+    def federation_args(p: argparse.ArgumentParser, backends: str, participation: float,
+                        deadline: float) -> None:
+        # Fleet size, rounds, steps and learning rate default to the workload's own `demo` /
+        # `emulate` RunSize: a MiniLM step takes ~0.35 s here, a CNN step under 10 ms.
+        p.add_argument("--devices", type=int, help="default: the workload's")
         p.add_argument("--backends", default=backends, help="comma-separated, used in turn")
-        p.add_argument("--rounds", type=int, default=rounds)
-        p.add_argument("--local-steps", type=int, default=steps)
-        p.add_argument("--lr", type=float, default=0.05)
+        p.add_argument("--rounds", type=int, help="default: the workload's")
+        p.add_argument("--local-steps", type=int, help="default: the workload's")
+        p.add_argument("--lr", type=float, help="default: the workload's")
         p.add_argument("--alpha", type=float, default=0.5,
                        help="Dirichlet label skew (smaller: more skew)")
         p.add_argument("--participation", type=float, default=participation,
@@ -401,22 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--slowdown", default="1",
                        help="device compute slowdown range 'lo,hi' (1 = this machine)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--workload", choices=("fmnist-cnn", "fmnist-fedsq", "fmnist-colora"),
-                       default="fmnist-cnn",
+        p.add_argument("--workload", choices=WORKLOAD_NAMES, default="fmnist-cnn",
                        help="fmnist-fedsq: FedSQ, gates fixed by a frozen structural copy; "
-                            "fmnist-colora: CoLoRA, a personal r x r core per device")
+                            "fmnist-colora: CoLoRA, a personal r x r core per device; "
+                            "minilm-fortunes: pretrained all-MiniLM-L6-v2 on fortune quotes")
         p.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
         p.add_argument("--out", help="results folder")
         method_args(p)
 
-    p = sub.add_parser("demo", help="broker + aggregator + a few devices on Fashion-MNIST")
-    federation_args(p, devices=6, backends="executorch,onnxruntime", rounds=6, steps=20,
-                    participation=1.0, deadline=300.0)
+    p = sub.add_parser("demo", help="broker + aggregator + a few devices of a workload")
+    federation_args(p, backends="executorch,onnxruntime", participation=1.0, deadline=300.0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("emulate", help="a large emulated fleet (hundreds to thousands)")
-    federation_args(p, devices=1000, backends="onnxruntime", rounds=3, steps=2,
-                    participation=0.9, deadline=120.0)
+    federation_args(p, backends="onnxruntime", participation=0.9, deadline=120.0)
     p.set_defaults(func=cmd_emulate)
 
     add_gateway_parser(sub)
@@ -426,8 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `edgefl` console script."""
     args = build_parser().parse_args(argv)
-    # Only the commands that train or export load the runtimes; the gateway's stay lean.
-    quiet_third_party(runtimes=args.command in ("client", "demo", "emulate", "export"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
+    if not args.verbose:  # -v shows the libraries' own warnings too
+        # Only the commands that train or export load the runtimes; the gateway's stay lean.
+        quiet_third_party(runtimes=args.command in ("client", "demo", "emulate", "export"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:

@@ -35,16 +35,18 @@ from edge_client.trainer import Trainer, evaluate_dataset, make_trainer
 from export.build import build_artifacts
 from protocol.manifest import load_manifest
 from protocol.messages import TrainConfig
+from edgefl.report import write_report
+from protocol.residual import dense_residual
 from protocol.tensors import TensorDict
 from transport.broker import Broker
 from transport.mqtt import MqttTransport
-from workloads import fmnist
+from workloads.base import WorkloadData, capability
+from workloads.data import Dataset
+from workloads.registry import get_workload_data
 
 logger = logging.getLogger(__name__)
 
 FLTAC_STRATEGY = "fltac"  # its fleets hold two tasks per device, scored per task slot
-
-FLEET_WORKLOADS = ("fmnist-cnn", "fmnist-fedsq", "fmnist-colora")  # fleets hold Fashion-MNIST shares
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +65,8 @@ class FederationConfig:
     update_encoding: str = "fp32"  # compact encodings make devices send quantised deltas
     update_topk: float | None = None
     strategy: str = "fedavg"
-    eval_size: int = 2000
-    workload: str = "fmnist-cnn"  # or "fmnist-fedsq": the same CNN with FedSQ's fixed gates
+    eval_size: int | None = None  # test examples scored each round (None: the workload's)
+    workload: str = "fmnist-cnn"  # any of workloads.WORKLOAD_NAMES
     out_dir: Path = Path("runs/demo")
     broker: str = "mosquitto"  # or "amqtt" to force the embedded broker
     num_clusters: int = 2  # fltac: K (the fleet's devices then hold two tasks each)
@@ -82,6 +84,12 @@ class FederationConfig:
                              f"{', '.join(STRATEGY_NAMES)}")
         if self.strategy == FLTAC_STRATEGY and not self.fleet.multitask:
             raise ValueError("fltac needs a multi-task fleet (FleetConfig.multitask)")
+        # What the workload's data must offer, before anything is exported or started.
+        data = get_workload_data(self.workload)
+        if self.fleet.multitask:
+            capability(data, "task_labellings")
+        if self.task_schedule:
+            capability(data, "incremental_tasks")
 
 
 @dataclass
@@ -126,17 +134,16 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
     console = console or Console()
     fleet = config.fleet
     # 1. artifacts: built once, then reused from the cache
-    if config.workload not in FLEET_WORKLOADS:
-        raise ValueError(f"fleets run {FLEET_WORKLOADS}, not {config.workload!r}")
     with console.status(f"exporting {config.workload}'s training programs (cached after)"):
         artifacts = build_artifacts(config.workload)
     manifest = load_manifest(artifacts)
     initial = load_file(str(artifacts / manifest.files["adapter_init"]))
-    test = fmnist.load("t10k")
-    test = test.subset(np.arange(min(config.eval_size, len(test))))
+    data = get_workload_data(config.workload)
+    test = data.test_data(config.eval_size or data.eval_size)
     evaluator = make_trainer("onnxruntime", artifacts)  # fastest backend for scoring globals
     coordinator: Coordinator | None = None  # set below; scoring reads its residual and clusters
-    truth = fleet_task_kinds(fleet) if config.strategy == FLTAC_STRATEGY else {}
+    truth = (fleet_task_kinds(fleet, config.workload) if config.strategy == FLTAC_STRATEGY
+             else {})
 
     def score(adapter: TensorDict) -> tuple[float, float]:
         if coordinator is None or not (coordinator.state.clusters or coordinator.state.residual
@@ -144,7 +151,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
             evaluator.set_adapter(adapter)
             return evaluate_dataset(evaluator, test.x, test.y)
         loss, accuracy, result.slot_accuracy = _score_special(config, coordinator, evaluator,
-                                                              test, truth)
+                                                              data, test, truth)
         return loss, accuracy
 
     with Broker(prefer=config.broker) as broker:
@@ -219,19 +226,20 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                 agg_transport.stop()
 
     result.rejections = dict(coordinator.rejections)
-    _print_summary(console, result, fleet.devices, _measure(config))
+    _print_summary(console, result, config.workload, fleet.devices, _measure(config))
     (run_dir / "results.json").write_text(json.dumps({
         "broker": result.broker, "data": result.data_source,
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "rounds": [asdict(r) for r in result.rows], "rejections": result.rejections,
         "skipped_rounds": result.skipped_rounds, "links_lost": result.links_lost,
     }, indent=1))
-    console.print(f"results written to {run_dir / 'results.json'}")
+    report = write_report(run_dir / "results.json")
+    console.print(f"results written to {run_dir / 'results.json'}; charts in {report}")
     return result
 
 
 def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator: Trainer,
-                   test: fmnist.Dataset, truth: dict[str, str],
+                   data: WorkloadData, test: Dataset, truth: dict[str, str],
                    ) -> tuple[float, float, dict[str, float]]:
     """Loss and accuracy of what the devices would use, for FL-TAC / residual / continual runs.
 
@@ -249,16 +257,13 @@ def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator
             key = (cluster, truth[slot])
             if key not in scores:
                 evaluator.set_adapter(state.clusters[cluster])
-                scores[key] = evaluate_dataset(evaluator, test.x,
-                                               fmnist.task_labels(truth[slot], test.y))
+                labels = data.task_labels(truth[slot], test.y)  # type: ignore[attr-defined]
+                scores[key] = evaluate_dataset(evaluator, test.x, labels)
         per_slot = {s: scores[(c, truth[s])] for s, c in state.assignment.items()}
         return (float(np.mean([x[0] for x in per_slot.values()])),
                 float(np.mean([x[1] for x in per_slot.values()])),
                 {s: x[1] for s, x in per_slot.items()})
-    residual = state.residual
-    layers = {k.rsplit(".", 1)[0] for k in residual}
-    evaluator.set_base_delta({layer: residual[f"{layer}.U"] @ residual[f"{layer}.V"]
-                              for layer in layers})
+    evaluator.set_base_delta(dense_residual(state.residual))
     evaluator.set_adapter(state.adapter)
     if not config.task_schedule:
         return (*evaluate_dataset(evaluator, test.x, test.y), {})
@@ -284,12 +289,13 @@ def _measure(config: FederationConfig) -> str:
                                   if config.strategy in RESIDUAL_STRATEGIES else ""))
     if config.strategy in RESIDUAL_STRATEGIES:
         return "accuracy: the global adapter with its residual folded into the frozen weights"
-    return "accuracy: the global adapter on Fashion-MNIST's test images"
+    return "accuracy: the global adapter on the workload's held-out test set"
 
 
-def _print_summary(console: Console, result: FederationResult, fleet_size: int,
+def _print_summary(console: Console, result: FederationResult, workload: str, fleet_size: int,
                    measure: str) -> None:
-    table = Table(title=f"Federated LoRA fine-tuning on Fashion-MNIST, {fleet_size} devices")
+    table = Table(title=f"Federated LoRA fine-tuning of {workload} on {result.data_source}, "
+                        f"{fleet_size} devices")
     for column in ("round", "test accuracy", "test loss", "devices", "bytes up", "bytes down",
                    "elapsed s"):
         table.add_column(column, justify="right")
@@ -298,8 +304,14 @@ def _print_summary(console: Console, result: FederationResult, fleet_size: int,
                       f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.seconds:.1f}")
     console.print(table)
     console.print(measure)
-    if result.rejections:
-        console.print(f"rejected updates: {result.rejections}")
+    # A device resends its update on every copy of the open round's global (the aggregator
+    # republishes it during long rounds); those copies are ignored, not refused updates.
+    refused = {reason: n for reason, n in result.rejections.items() if reason != "duplicate"}
+    if refused:
+        console.print(f"rejected updates: {refused}")
+    if result.rejections.get("duplicate"):
+        console.print(f"resent copies of counted updates, ignored: "
+                      f"{result.rejections['duplicate']}")
     if result.skipped_rounds or result.links_lost:
         console.print(f"device rounds sat out: {result.skipped_rounds}; "
                       f"links lost: {result.links_lost}")

@@ -9,16 +9,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from workloads import fmnist
+from workloads.base import private_pool
 from workloads.cnn import Cnn
+from workloads.data import dirichlet_split
+from workloads.fmnist import GROUP_OF_CLASS, FashionMnistData  # noqa: F401 (re-exported)
 
+# The simulator runs the CNN workloads' data: frozen-trunk features of Fashion-MNIST.
+WORKLOAD = FashionMnistData()
 # Class-incremental sequence: 5 tasks of 2 new classes each, in label order.
-INCREMENTAL_TASKS = fmnist.INCREMENTAL_TASKS
+INCREMENTAL_TASKS = WORKLOAD.incremental_tasks
 # The multi-task setting's two labellings of the same images (see workloads.fmnist).
-GROUP_OF_CLASS = fmnist.GROUP_OF_CLASS
-MULTI_TASKS = fmnist.TASK_LABELLINGS
-task_labels = fmnist.task_labels
-NUM_CLASSES = 10  # the head's outputs; the group task uses the first 4
+MULTI_TASKS = WORKLOAD.task_labellings
+task_labels = WORKLOAD.task_labels
+NUM_CLASSES = len(WORKLOAD.labels)  # the head's outputs; the group task uses the first 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +62,7 @@ def load_features(
 ) -> tuple[Features, Features]:
     """Random slices of the private training part and of the test set, as trunk features."""
     rng = np.random.default_rng(seed)
-    _, private = fmnist.public_and_private(fmnist.load("train"))
-    test = fmnist.load("t10k")
+    private, test = private_pool(WORKLOAD), WORKLOAD.test_data()
     train_idx = np.sort(rng.choice(len(private), min(train_examples, len(private)), replace=False))
     test_idx = np.sort(rng.choice(len(test), min(test_examples, len(test)), replace=False))
     return (Features(trunk_features(base_weights, private.x[train_idx]), private.y[train_idx]),
@@ -70,9 +72,8 @@ def load_features(
 def split(
     labels: np.ndarray, devices: int, alpha: float, seed: int, min_size: int
 ) -> list[np.ndarray]:
-    """Dirichlet(alpha) label-skew indices per device (fmnist.dirichlet_split, seeded)."""
-    return fmnist.dirichlet_split(labels, devices, alpha, np.random.default_rng(seed),
-                                  min_size=min_size)
+    """Dirichlet(alpha) label-skew indices per device (workloads.data.dirichlet_split, seeded)."""
+    return dirichlet_split(labels, devices, alpha, np.random.default_rng(seed), min_size=min_size)
 
 
 def class_shares(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:

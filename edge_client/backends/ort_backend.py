@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_client.native_logs import ORT_ERRORS_ONLY, is_quiet
 from edge_client.trainer_base import (
     StepResult,
     base_weight_name,
@@ -24,6 +25,7 @@ class OrtTrainer:
     backend = "onnxruntime"
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, learning_rate: float) -> None:
+        from onnxruntime import SessionOptions
         from onnxruntime.training import api
 
         if "onnxruntime" not in manifest.files:
@@ -31,8 +33,14 @@ class OrtTrainer:
         self.manifest = manifest
         folder = Path(artifact_dir) / manifest.files["onnxruntime"]
         self.state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+        options = SessionOptions()
+        if is_quiet():
+            # Loading the graphs logs each initializer the optimiser drops and each lenient
+            # shape merge as a warning; they are the exporter's business, not the device's.
+            options.log_severity_level = ORT_ERRORS_ONLY
         self.module = api.Module(
-            str(folder / "training_model.onnx"), self.state, str(folder / "eval_model.onnx")
+            str(folder / "training_model.onnx"), self.state, str(folder / "eval_model.onnx"),
+            session_options=options,
         )
         self.optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), self.module)
         self.optimizer.set_learning_rate(learning_rate)
