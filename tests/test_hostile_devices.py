@@ -116,3 +116,60 @@ def test_hostile_headers_are_rejected_and_the_round_still_closes(
     assert _wait(lambda: coordinator.snapshot().finished)
     assert sum(coordinator.snapshot().rejections.values()) == len(hostile)
     np.testing.assert_allclose(coordinator.adapter["head.bias"], [2.0, 2.0])
+
+
+def test_an_unwritable_state_over_a_real_broker_loses_nothing(mosquitto: Broker,
+                                                              tmp_path: Path) -> None:
+    # Prepare: the state refuses every write (as a full disk does) while two updates arrive
+    agg = MqttTransport(mosquitto.host, mosquitto.port, "agg-disk", persistent_session=True,
+                        manual_ack=True)
+    agg.start()
+    store = GlobalStore(tmp_path)
+    config = AggregatorConfig(federation=FED, rounds=1, clients_per_round=2, min_clients=2,
+                              round_deadline_s=60)
+    coordinator = Coordinator(config, MANIFEST, ZERO, agg, store)
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    assert _wait(lambda: coordinator.global_bytes > 0)
+    device = MqttTransport(mosquitto.host, mosquitto.port, "disk-device")
+    device.start()
+    store.db.execute("PRAGMA query_only = 1")
+    device.publish(topics.update_topic(FED, "a"), _update("a", 1.0, 10), qos=1)
+    device.publish(topics.update_topic(FED, "b"), _update("b", 3.0, 10), qos=1)
+    time.sleep(2.0)
+    # Assert: still running, nothing counted; then writable again, both count exactly once
+    assert thread.is_alive() and store.accepted_count(0) == 0
+    store.db.execute("PRAGMA query_only = 0")
+    thread.join(30)
+    assert not thread.is_alive() and store.accepted_count(0) == 2
+    np.testing.assert_allclose(coordinator.adapter["head.bias"], [2.0, 2.0])
+    device.stop()
+    agg.stop()
+
+
+def test_a_long_federation_over_a_real_broker_keeps_its_state_bounded(
+        mosquitto: Broker, tmp_path: Path) -> None:
+    # fedmedian keeps every update's adapter; with --keep-rounds 2 only recent rounds stay
+    agg = MqttTransport(mosquitto.host, mosquitto.port, "agg-bounded", persistent_session=True,
+                        manual_ack=True)
+    agg.start()
+    store = GlobalStore(tmp_path)
+    config = AggregatorConfig(federation=FED, rounds=6, clients_per_round=2, min_clients=2,
+                              round_deadline_s=60, strategy="fedmedian", keep_rounds=2)
+    coordinator = Coordinator(config, MANIFEST, ZERO, agg, store)
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    device = MqttTransport(mosquitto.host, mosquitto.port, "bounded-device")
+    device.start()
+    for round_number in range(6):
+        assert _wait(lambda r=round_number: coordinator.round == r and coordinator.global_bytes)
+        for name in ("a", "b"):
+            update = Update(FED, round_number, name, MANIFEST.sha256, 10, uuid.uuid4().hex,
+                            _full(float(round_number)))
+            device.publish(topics.update_topic(FED, name), codec.encode_update(update), qos=1)
+        assert _wait(lambda r=round_number: coordinator.round > r)
+    thread.join(30)
+    assert store.history() == [4, 5, 6]  # the final global and the two rounds before it
+    assert store.accepted_adapters(2) == [] and len(store.accepted_adapters(5)) == 2
+    device.stop()
+    agg.stop()
