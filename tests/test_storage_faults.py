@@ -54,15 +54,6 @@ def _message(mid: int, device: str, value: float, round_number: int = 0) -> Mess
     return Message(topics.update_topic(FED, device), codec.encode_update(update), mid)
 
 
-def _wait(condition, seconds: float = 20.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_an_unwritable_state_defers_updates_and_the_round_completes_once_it_is_writable(
         tmp_path: Path) -> None:
     transport = QueueTransport()
