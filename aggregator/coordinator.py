@@ -135,11 +135,11 @@ class Coordinator:
         self._deadline = self._opened + self.config.round_deadline_s
 
     def _save_state(self, s: GlobalState, closed: list[str]) -> None:
-        self.store.save(s.round, s.tensors(),
-                        {"closed": closed, "assignment": s.assignment, "family": s.info})
         # Asynchronous updates may start from any of the last max_staleness globals.
         keep = max(self.config.keep_rounds, self.family.max_staleness + 1)
-        self.store.prune(s.round - keep)
+        self.store.save(s.round, s.tensors(),
+                        {"closed": closed, "assignment": s.assignment, "family": s.info},
+                        forget_before=s.round - keep)
 
     def _publish_global(self, final: bool = False) -> None:
         """Publish (retained) the residual catch-up, if the family folds one, then the global.

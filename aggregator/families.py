@@ -253,28 +253,20 @@ class _FedBuffRound:
 class _DPRound:
     state: GlobalState
     family: DPFamily
-    clipped: dict[str, np.ndarray] | None = None
-    count: int = 0
+    clipped: WeightedSum | None = None  # Σ of the clipped deltas, each with weight 1
 
     def add(self, contribution: Contribution) -> TensorDict | None:
         change = clip_delta(contribution.adapter, contribution.start, self.family.clip_norm)
-        if self.clipped is None:
-            self.clipped = {k: v.astype(np.float64) for k, v in change.items()}
-        else:
-            for key, value in change.items():
-                self.clipped[key] = self.clipped[key] + value
-        self.count += 1
+        self.clipped = accumulate(self.clipped, change, 1.0)
         return None
 
     def snapshot(self) -> TensorDict:
-        if self.clipped is None:
-            return {}
-        return {**self.clipped, _COUNT: np.array(float(self.count))}
+        return _sum_snapshot(self.clipped)
 
     def close(self) -> GlobalState:
         assert self.clipped is not None
         f = self.family
-        adapter = dp_step(self.state.adapter, self.clipped, f.expected, f.clip_norm, f.sigma)
+        adapter = dp_step(self.state.adapter, self.clipped.sums, f.expected, f.clip_norm, f.sigma)
         rounds = int(self.state.info.get("dp_rounds", 0)) + 1
         info = dict(self.state.info, dp_rounds=rounds,
                     epsilon=accounting.epsilon(f.sigma, rounds, f.delta))
@@ -304,10 +296,7 @@ class DPFamily:
 
     def restore(self, state: GlobalState, snapshot: TensorDict,
                 kept: list[Kept]) -> RoundAggregator:
-        if not snapshot:
-            return _DPRound(state, self)
-        sums = {k: v for k, v in snapshot.items() if k != _COUNT}
-        return _DPRound(state, self, sums, int(snapshot[_COUNT].item()))
+        return _DPRound(state, self, _sum_restore(snapshot))
 
     def exhausted(self, state: GlobalState) -> str | None:
         if self.max_epsilon is None:

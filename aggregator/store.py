@@ -88,8 +88,11 @@ class GlobalStore:
         self.db.close()
 
     # -- globals ---------------------------------------------------------------------------
-    def save(self, round_number: int, adapter: TensorDict, info: dict[str, object]) -> None:
-        """Persist the global state that opens `round_number` and start that round empty.
+    def save(self, round_number: int, adapter: TensorDict, info: dict[str, object],
+             forget_before: int | None = None) -> None:
+        """Persist the global state that opens `round_number` and start that round empty; with
+        `forget_before`, in the same transaction, forget what rounds before it no longer need:
+        their globals and the updates kept for them (update ids stay, for duplicates).
 
         Raises:
             StorageError: the database could not be written; nothing was changed.
@@ -100,6 +103,11 @@ class GlobalStore:
             self.db.execute(
                 "INSERT OR REPLACE INTO open_round VALUES (0, ?, NULL, 0, '{}', 0)",
                 (round_number,))
+            if forget_before is not None:
+                self.db.execute("DELETE FROM globals WHERE round < ? AND round <> ?",
+                                (forget_before, round_number))
+                self.db.execute("UPDATE accepted SET adapter = NULL WHERE round < ? AND "
+                                "adapter IS NOT NULL", (forget_before,))
 
     def latest(self) -> tuple[int, TensorDict, dict[str, object]] | None:
         """(round, tensors, info) of the newest global, or None for a fresh store."""
@@ -157,19 +165,6 @@ class GlobalStore:
             self.db.execute(
                 "UPDATE open_round SET snapshot = ?, weight = ?, metric_sums = ?, bytes = ? "
                 "WHERE id = 0", (snap, state.weight, json.dumps(state.metric_sums), state.bytes))
-
-    def prune(self, before_round: int) -> None:
-        """Forget what closed rounds before `before_round` no longer need: their globals (the
-        newest is always kept) and the updates kept for them; update ids stay, for duplicates.
-
-        Raises:
-            StorageError: the database could not be written; nothing was changed.
-        """
-        with self._transaction():
-            self.db.execute("DELETE FROM globals WHERE round < ? AND round < "
-                            "(SELECT MAX(round) FROM globals)", (before_round,))
-            self.db.execute("UPDATE accepted SET adapter = NULL WHERE round < ? AND "
-                            "adapter IS NOT NULL", (before_round,))
 
     def accepted_adapters(self, round_number: int) -> list[tuple[TensorDict, float]]:
         """(tensors, weight) of the updates kept for `round_number` (buffered strategies)."""

@@ -251,7 +251,7 @@ class DeviceAgent:
         try:
             if self.residual_round == t - 1:
                 step = dense_residual(message.residual_step)
-                self._set_residual(t, {layer: self.residual.get(layer, 0) + step[layer]
+                self._set_residual(t, {layer: self.residual.get(layer, 0) + step.get(layer, 0)
                                        for layer in self.residual.keys() | step.keys()})
                 return True
             if self._catch_up is not None and self._catch_up.round == t:
