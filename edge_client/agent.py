@@ -110,9 +110,9 @@ class DeviceAgent:
         self._status_published = False
         self.rng = np.random.default_rng(seed)
         self.signing_key = signing_key
-        self.personal_path = Path(state_dir) / f"{device_id}.personal.safetensors" if state_dir \
-            else None
-        self.personal = self._load_personal()
+        self.state_dir = Path(state_dir) if state_dir else None
+        # Personal tensors (CoLoRA cores), one set per task slot: each task gets its own core.
+        self.personal = {task.name: self._load_personal(task.name) for task in self.tasks}
         self.rounds_trained = 0
         # Exact aggregation: the residual our frozen weights hold (R_t, per layer) and its t.
         self.residual_path = Path(state_dir) / f"{device_id}.residual.safetensors" if state_dir \
@@ -207,12 +207,12 @@ class DeviceAgent:
                         self.device_id, task.name, message.round)
             return None
         start = message.start_adapter(self.device_id, task.name)
-        self.trainer.set_adapter(start | self.personal)
+        self.trainer.set_adapter(start | self.personal[task.name])
         result = train_local(self.trainer, inputs, labels, message.train.local_steps, self.rng)
         trained = self.trainer.get_adapter()
         # Personal tensors (CoLoRA cores) stay here: kept on disk, never uploaded.
-        self.personal = {k: v for k, v in trained.items() if is_personal(k)}
-        self._save_personal()
+        self.personal[task.name] = {k: v for k, v in trained.items() if is_personal(k)}
+        self._save_personal(task.name)
         adapter = shared(trained)
         # Compact encodings quantise what is sent; the change from the global is small and
         # quantises with far less error than the adapter itself, so send that instead.
@@ -301,18 +301,24 @@ class DeviceAgent:
         return round_number, load_file(str(self.residual_path))
 
     # -- personal tensors survive restarts ------------------------------------------------
-    def _load_personal(self) -> TensorDict:
-        if self.personal_path is not None and self.personal_path.exists():
-            return load_file(str(self.personal_path))
+    def personal_path(self, task: str = "") -> Path | None:
+        """File of a task slot's personal tensors (None without a state folder)."""
+        return personal_file(self.state_dir, self.device_id, task) if self.state_dir else None
+
+    def _load_personal(self, task: str) -> TensorDict:
+        path = self.personal_path(task)
+        if path is not None and path.exists():
+            return load_file(str(path))
         return {k: v for k, v in self.trainer.get_adapter().items() if is_personal(k)}
 
-    def _save_personal(self) -> None:
-        if self.personal_path is None or not self.personal:
+    def _save_personal(self, task: str) -> None:
+        path = self.personal_path(task)
+        if path is None or not self.personal[task]:
             return
-        self.personal_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.personal_path.with_suffix(".tmp")
-        save_file(self.personal, str(tmp))
-        tmp.replace(self.personal_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(self.personal[task], str(tmp))
+        tmp.replace(path)
 
     # -- a round's update is kept (surviving restarts and outages) until the round closes ---
     def _save_pending(self, round_number: int, payloads: list[bytes]) -> None:
@@ -459,6 +465,11 @@ class DeviceAgent:
         logger.info("%s (%s): %s round %d update(s), loss %s", self.device_id,
                     self.trainer.backend, "sent" if sent else "queued", message.round,
                     ", ".join(f"{u.metrics['train_loss']:.3f}" for u in updates))
+
+
+def personal_file(state_dir: Path, device_id: str, task: str = "") -> Path:
+    """Where a device keeps a task slot's personal tensors (`<id>.personal.safetensors` alone)."""
+    return Path(state_dir) / f"{device_id}.{task + '.' if task else ''}personal.safetensors"
 
 
 def device_seed(device_id: str) -> int:

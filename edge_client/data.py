@@ -35,22 +35,19 @@ def device_partitions(
     return pool, [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def multitask_tasks(workload: WorkloadData, data: Dataset, seed: int) -> dict[str, LocalTask]:
-    """Split one device's share into local tasks over disjoint examples (FL-TAC's setting).
+def multitask_tasks(workload: WorkloadData, index: int, num_devices: int, alpha: float,
+                    seed: int, slot_seed: int) -> dict[str, LocalTask]:
+    """Device `index`'s local tasks (FL-TAC's setting), keyed by the true task.
 
-    Each part is labelled by one of the workload's task labellings (Fashion-MNIST: clothing type,
-    garment group). Keys are the true labelling; slot names are "t0", "t1", ... in a random
-    order per device, so they tell the aggregator nothing about the task.
+    The data comes from the workload (Fashion-MNIST: disjoint parts of the device's share, one
+    per labelling; fortunes: a share of each task's own quotes). Slot names are "t0", "t1", ...
+    in an order drawn from `slot_seed` (per device), so they tell the aggregator nothing.
 
     Raises:
         ValueError: The workload has no multi-task split.
     """
-    labellings: tuple[str, ...] = capability(workload, "task_labellings")  # type: ignore
-    relabel = workload.task_labels  # type: ignore[attr-defined]  (present with the labellings)
-    rng = np.random.default_rng(seed)
-    parts = np.array_split(rng.permutation(len(data)), len(labellings))
-    slots = rng.permutation(len(labellings))
-    return {
-        task: LocalTask(f"t{slot}", data.x[np.sort(part)], relabel(task, data.y[np.sort(part)]))
-        for task, part, slot in zip(labellings, parts, slots, strict=True)
-    }
+    tasks: tuple[str, ...] = capability(workload, "task_labellings")  # type: ignore[assignment]
+    shares = workload.local_tasks(index, num_devices, alpha, seed)  # type: ignore[attr-defined]
+    slots = np.random.default_rng(slot_seed).permutation(len(tasks))
+    return {task: LocalTask(f"t{slot}", shares[task].x, shares[task].y)
+            for task, slot in zip(tasks, slots, strict=True)}

@@ -42,7 +42,7 @@ class FleetConfig:
     slowdown: tuple[float, float] = (1.0, 1.0)  # per-device compute slowdown, drawn uniformly
     dropout: float = 0.0  # chance a device sits a round out
     connection_loss: float = 0.0  # chance a device loses its link before sending an update
-    multitask: bool = False  # FL-TAC: each device holds one task per labelling of the workload
+    multitask: bool = False  # FL-TAC: each device holds one local task per task of the workload
 
     def __post_init__(self) -> None:
         if self.devices <= 0:
@@ -89,14 +89,14 @@ def fleet_device_id(index: int) -> str:
     return f"dev-{index:05d}"
 
 
-def _device_tasks(config: FleetConfig, data: WorkloadData, index: int) -> dict[str, LocalTask]:
-    """A multi-task device's local tasks, keyed by their true labelling."""
-    share = data.device_data(index, config.devices, config.alpha, config.seed)
-    return multitask_tasks(data, share, device_seed(fleet_device_id(index)) ^ config.seed)
+def device_tasks(config: FleetConfig, data: WorkloadData, index: int) -> dict[str, LocalTask]:
+    """A multi-task device's local tasks, keyed by their true task."""
+    return multitask_tasks(data, index, config.devices, config.alpha, config.seed,
+                           slot_seed=device_seed(fleet_device_id(index)) ^ config.seed)
 
 
 def fleet_task_kinds(config: FleetConfig, workload: str) -> dict[str, str]:
-    """Slot -> true labelling (e.g. type or group) of every task slot of a multi-task fleet.
+    """Slot -> true task (type or group; topic or language) of every slot of a multi-task fleet.
 
     For scoring only: the aggregator is never told which task a slot serves.
     """
@@ -104,7 +104,7 @@ def fleet_task_kinds(config: FleetConfig, workload: str) -> dict[str, str]:
     kinds = {}
     for i in range(config.devices):
         kinds |= {slot_key(fleet_device_id(i), task.name): kind
-                  for kind, task in _device_tasks(config, data, i).items()}
+                  for kind, task in device_tasks(config, data, i).items()}
     return kinds
 
 
@@ -134,7 +134,7 @@ def build_fleet(config: FleetConfig, host: str, port: int, federation: str, arti
         seed = device_seed(device_id) ^ config.seed
         if config.multitask:
             data = {"inputs": None, "labels": None,
-                    "tasks": list(_device_tasks(config, workload, i).values())}
+                    "tasks": list(device_tasks(config, workload, i).values())}
         else:
             share = workload.device_data(i, config.devices, config.alpha, config.seed)
             data = {"inputs": share.x, "labels": share.y}

@@ -79,17 +79,22 @@ def train_local(
     return TrainResult(steps, local_size, float(np.mean(losses)), correct / (steps * batch))
 
 
-def evaluate_dataset(trainer: Trainer, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a whole dataset."""
+def dataset_logits(trainer: Trainer, inputs: np.ndarray) -> np.ndarray:
+    """Logits (N, classes) float64 of a whole dataset, batch by batch."""
     batch = trainer.manifest.batch_size
     logits = []
-    for start in range(0, len(labels), batch):
+    for start in range(0, len(inputs), batch):
         x = inputs[start : start + batch]
         real = len(x)
         if real < batch:  # programs have a static batch size: pad, then drop the padded rows
             x = np.concatenate([x, np.zeros((batch - real, *x.shape[1:]), dtype=x.dtype)])
         logits.append(trainer.logits(x)[:real])
-    all_logits = np.concatenate(logits).astype(np.float64)
+    return np.concatenate(logits).astype(np.float64)
+
+
+def evaluate_dataset(trainer: Trainer, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole dataset."""
+    all_logits = dataset_logits(trainer, inputs)
     # log-softmax, stabilised by subtracting the row maximum
     shifted = all_logits - all_logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))

@@ -259,8 +259,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     # and its ACL patterns match on that, not on the client id.
     transport = MqttTransport(secure["host"], secure["port"], f"{args.federation}-{device_id}",
                               will=DeviceAgent.will(args.federation, device_id), tls=secure["tls"])
-    # --multitask (FL-TAC): one local task per labelling, disjoint parts of the share
-    tasks = (list(multitask_tasks(workload, data, device_seed(device_id)).values())
+    # --multitask (FL-TAC): one local task per task of the workload, its own share of each
+    tasks = (list(multitask_tasks(workload, args.index, args.num_devices, args.alpha, args.seed,
+                                  slot_seed=device_seed(device_id)).values())
              if args.multitask else [])
     agent = DeviceAgent(device_id, args.federation, make_trainer(args.backend, artifacts),
                         None if tasks else data.x, None if tasks else data.y, transport,
@@ -409,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multitask", action="store_true",
-                   help="FL-TAC device: one local task per labelling of the workload "
-                        "(Fashion-MNIST: clothing type, garment group)")
+                   help="FL-TAC device: one local task per task of the workload (Fashion-MNIST: "
+                        "clothing type, garment group; fortunes: topic, language)")
     p.set_defaults(func=cmd_client)
 
     def federation_args(p: argparse.ArgumentParser, backends: str, participation: float,

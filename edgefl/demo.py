@@ -35,6 +35,7 @@ from edge_client.trainer import Trainer, evaluate_dataset, make_trainer
 from export.build import build_artifacts
 from protocol.manifest import load_manifest
 from protocol.messages import TrainConfig
+from edgefl.device_scores import device_accuracy
 from edgefl.report import write_report
 from protocol.residual import dense_residual
 from protocol.tensors import TensorDict
@@ -122,6 +123,8 @@ class FederationResult:
     links_lost: int = 0
     # FL-TAC: the last scoring's accuracy of every task slot on its own task
     slot_accuracy: dict[str, float] = field(default_factory=dict)
+    # device id -> its final model's accuracy on its own label mix (edgefl.device_scores)
+    device_accuracy: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def improved(self) -> bool:
@@ -226,12 +229,18 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                 agg_transport.stop()
 
     result.rejections = dict(coordinator.rejections)
+    with console.status("scoring every device's final model"):
+        state = coordinator.state
+        result.device_accuracy = device_accuracy(
+            evaluator, data, fleet, state.adapter, state.clusters, state.assignment,
+            state.residual, run_dir / "devices", test, _seen_classes(config, coordinator))
     _print_summary(console, result, config.workload, fleet.devices, _measure(config))
     (run_dir / "results.json").write_text(json.dumps({
         "broker": result.broker, "data": result.data_source,
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "rounds": [asdict(r) for r in result.rows], "rejections": result.rejections,
         "skipped_rounds": result.skipped_rounds, "links_lost": result.links_lost,
+        "device_accuracy": result.device_accuracy,
     }, indent=1))
     report = write_report(run_dir / "results.json")
     console.print(f"results written to {run_dir / 'results.json'}; charts in {report}")
@@ -257,19 +266,17 @@ def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator
             key = (cluster, truth[slot])
             if key not in scores:
                 evaluator.set_adapter(state.clusters[cluster])
-                labels = data.task_labels(truth[slot], test.y)  # type: ignore[attr-defined]
-                scores[key] = evaluate_dataset(evaluator, test.x, labels)
+                task_test = data.task_test_data(truth[slot], len(test))  # type: ignore[attr-defined]
+                scores[key] = evaluate_dataset(evaluator, task_test.x, task_test.y)
         per_slot = {s: scores[(c, truth[s])] for s, c in state.assignment.items()}
         return (float(np.mean([x[0] for x in per_slot.values()])),
                 float(np.mean([x[1] for x in per_slot.values()])),
                 {s: x[1] for s, x in per_slot.items()})
     evaluator.set_base_delta(dense_residual(state.residual))
     evaluator.set_adapter(state.adapter)
-    if not config.task_schedule:
+    seen = _seen_classes(config, coordinator)
+    if seen is None:
         return (*evaluate_dataset(evaluator, test.x, test.y), {})
-    # coordinator.round is the next round: the tasks trained so far end one round earlier
-    last_task, _ = coordinator.config.task_at(max(coordinator.round - 1, 0))
-    seen = sorted({c for task in config.task_schedule[: (last_task or 0) + 1] for c in task})
     keep = np.isin(test.y, seen)
     evaluator.set_class_mask(seen)
     try:
@@ -278,11 +285,20 @@ def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator
         evaluator.set_class_mask(None)
 
 
+def _seen_classes(config: FederationConfig, coordinator: Coordinator) -> list[int] | None:
+    """A class-incremental run's classes of the tasks trained so far (None: not such a run)."""
+    if not config.task_schedule:
+        return None
+    # coordinator.round is the next round: the tasks trained so far end one round earlier
+    last_task, _ = coordinator.config.task_at(max(coordinator.round - 1, 0))
+    return sorted({c for task in config.task_schedule[: (last_task or 0) + 1] for c in task})
+
+
 def _measure(config: FederationConfig) -> str:
     """What the accuracy column measures for this run's strategy."""
     if config.strategy == FLTAC_STRATEGY:
-        return ("accuracy: each task slot's cluster adapter on its own task's labels (type or "
-                "group), averaged over slots; 'devices' counts task slots")
+        return ("accuracy: each task slot's cluster adapter on its own task's held-out test set, "
+                "averaged over slots; 'devices' counts task slots")
     if config.task_schedule:
         return ("accuracy: over the classes of the tasks seen so far, predicted among them "
                 "(no task id)" + (", residual folded into the frozen weights"
@@ -315,6 +331,11 @@ def _print_summary(console: Console, result: FederationResult, workload: str, fl
     if result.skipped_rounds or result.links_lost:
         console.print(f"device rounds sat out: {result.skipped_rounds}; "
                       f"links lost: {result.links_lost}")
+    scored = [v for v in result.device_accuracy.values() if v is not None]
+    if scored:
+        console.print(f"per-device accuracy (each device's final model on its own label mix): "
+                      f"mean {np.mean(scored):.3f}, worst {min(scored):.3f} over {len(scored)} "
+                      "devices")
     verdict = "rose" if result.improved else "did NOT rise"
     console.print(f"accuracy {verdict}: {result.rows[0].accuracy:.3f} -> "
                   f"{result.rows[-1].accuracy:.3f}")

@@ -33,10 +33,12 @@ or leaves its chart out, never an error)::
       "device_accuracy": {"dev-00000": 0.81, "dev-00001": null, ...}     # OPTIONAL, see below
     }
 
-`device_accuracy` (optional; not written by the demo yet): device id -> that device's test
-accuracy at the end of the run, a fraction in [0, 1] like the rounds' `accuracy`; null (or NaN)
-for a device that could not be scored. When present and non-empty the page adds a bar chart
-(a histogram of the scores when the fleet has more than MAX_DEVICE_BARS devices).
+`device_accuracy` (optional: older results lack it): device id -> that device's final model (the
+global adapter, its FL-TAC cluster's, plus its personal CoLoRA cores) scored on the held-out test
+set weighted by the device's own label mix (edgefl.device_scores), a fraction in [0, 1] like the
+rounds' `accuracy`; null (or NaN) for a device that could not be scored. When present and
+non-empty the page adds a bar chart (a histogram of the scores when the fleet has more than
+MAX_DEVICE_BARS devices).
 
 Accuracy and loss may be NaN (Python's json writes NaN) or null: those points are left out of
 the charts and shown as "—". A run with no rounds still gives a valid page, with notes in place

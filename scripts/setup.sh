@@ -3,7 +3,8 @@
 set -o errexit -o pipefail -o nounset
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(mosquitto dataset-fashion-mnist fortunes)
+# fortunes-de/es/it/pl: the language-identification task of the multi-task text federations.
+APT_PACKAGES=(mosquitto dataset-fashion-mnist fortunes fortunes-de fortunes-es fortunes-it fortunes-pl)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

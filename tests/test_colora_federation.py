@@ -67,7 +67,7 @@ def test_personal_cores_train_on_devices_and_never_travel(
     assert not coordinator.rejections
     for round_number in store.history():
         assert not any(map(is_personal, store.global_at(round_number)))
-    cores = {a.device_id: load_file(str(a.personal_path)) for a in agents}
+    cores = {a.device_id: load_file(str(a.personal_path())) for a in agents}
     for device_cores in cores.values():
         assert set(device_cores) == personal_names
         assert np.abs(device_cores["fc1.lora_S.weight"] - np.eye(4)).max() > 1e-5
@@ -77,7 +77,7 @@ def test_personal_cores_train_on_devices_and_never_travel(
     restarted = _agent(mosquitto, colora_artifacts, "onnxruntime", private.subset(parts[1]),
                        tmp_path / "devices")
     for name in personal_names:
-        np.testing.assert_array_equal(restarted.personal[name], cores["onnxruntime"][name])
+        np.testing.assert_array_equal(restarted.personal[""][name], cores["onnxruntime"][name])
 
     # An upload that carries a personal core is refused: the core must never leave a device
     leaky = Update(FED, coordinator.round, "onnxruntime", manifest.sha256, 10, "leak",

@@ -13,7 +13,7 @@ from aggregator.coordinator import AggregatorConfig, Coordinator
 from aggregator.store import GlobalStore
 from aggregator.strategies import fedavg
 from edge_client.agent import DeviceAgent
-from edge_client.data import device_partitions, multitask_tasks
+from edge_client.data import multitask_tasks
 from edge_client.trainer import evaluate_dataset, make_trainer
 from protocol.codec import split_global_tensors
 from protocol.manifest import load_manifest
@@ -36,7 +36,6 @@ def test_fltac_groups_task_slots_by_task_and_each_cluster_serves_its_task(
     # nothing but the adapters tells the gateway which slot serves which task.
     manifest = load_manifest(cnn_artifacts)
     initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
-    private, parts = device_partitions(DEVICES, alpha=5.0, seed=3)
     agg = MqttTransport(mosquitto.host, mosquitto.port, "agg", manual_ack=True,
                         persistent_session=True)
     agg.start()
@@ -49,7 +48,8 @@ def test_fltac_groups_task_slots_by_task_and_each_cluster_serves_its_task(
     for i in range(DEVICES):
         backend = ("executorch", "onnxruntime")[i % 2]
         device_id = f"dev{i}"
-        tasks = multitask_tasks(fmnist.FashionMnistData(), private.subset(parts[i]), seed=i)
+        tasks = multitask_tasks(fmnist.FashionMnistData(), i, DEVICES, alpha=5.0, seed=3,
+                                slot_seed=i)
         truth |= {slot_key(device_id, t.name): kind for kind, t in tasks.items()}
         transport = MqttTransport(mosquitto.host, mosquitto.port, f"{device_id}-{uuid.uuid4().hex[:4]}",
                                   will=DeviceAgent.will(FED, device_id))

@@ -311,3 +311,30 @@ def test_cli_fails_in_one_line_without_a_traceback(tmp_path: Path, content: str 
     assert proc.stderr.startswith("python -m edgefl.report: error:")
     assert message in proc.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+# -- the demo's own report -----------------------------------------------------------------------
+def test_the_demos_own_report_opens_in_headless_chromium(tmp_path: Path) -> None:
+    # Prepare: a small real federation (Mosquitto, ExecuTorch + ONNX Runtime devices)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "demo", "--devices", "3", "--rounds", "2",
+         "--local-steps", "3", "--out", str(tmp_path / "runs")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (results_json,) = (tmp_path / "runs").glob("run-*/results.json")
+    page = results_json.parent / "report.html"
+
+    # Execute
+    dom = _dom(_probe(page), tmp_path)
+
+    # Assert: the demo scored each device's final model, and the page shows all four charts,
+    # every one decoded by the browser
+    results = json.loads(results_json.read_text())
+    assert sorted(results["device_accuracy"]) == ["dev-00000", "dev-00001", "dev-00002"]
+    assert all(0.0 < v <= 1.0 for v in results["device_accuracy"].values())
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
+    assert found, "the probe script did not run"
+    decoded = {i: (complete, w) for i, complete, w, _ in json.loads(html.unescape(found[1]))}
+    assert sorted(decoded) == ["chart-accuracy", "chart-bytes", "chart-devices", "chart-loss"]
+    assert all(complete and width > 0 for complete, width in decoded.values()), decoded
+    assert f"<title>edgefl report · {results_json.parent.name}</title>" in dom

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from edge_client.data import device_partitions, multitask_tasks
-from edgefl.cli import _federation_config, build_parser, task_schedule
+from edgefl.cli import _federation_config, build_parser
 from workloads import WORKLOAD_NAMES
 from workloads.base import capability, private_pool
 from workloads.data import Dataset, dirichlet_share, min_share
@@ -19,7 +20,8 @@ from workloads.registry import get_workload_data
 REPO = Path(__file__).resolve().parent.parent
 # The input each model takes: (dtype, shape of one example).
 INPUT = {"fmnist-cnn": (np.float32, (1, 28, 28)), "fmnist-fedsq": (np.float32, (1, 28, 28)),
-         "fmnist-colora": (np.float32, (1, 28, 28)), "minilm-fortunes": (np.int64, (64,))}
+         "fmnist-colora": (np.float32, (1, 28, 28)), "minilm-fortunes": (np.int64, (64,)),
+         "minilm-colora": (np.int64, (64,))}
 
 
 @pytest.mark.parametrize("name", WORKLOAD_NAMES)
@@ -90,24 +92,39 @@ def test_a_share_index_outside_the_fleet_is_refused() -> None:
 
 
 def test_multitask_and_incremental_are_capabilities_with_a_one_line_refusal() -> None:
-    fmnist, minilm = get_workload_data("fmnist-cnn"), get_workload_data("minilm-fortunes")
-    tasks = multitask_tasks(fmnist, fmnist.device_data(0, 3, 0.5, 0), seed=0)
+    fmnist = get_workload_data("fmnist-cnn")
+    share = fmnist.device_data(0, 3, 0.5, 0)
+    tasks = multitask_tasks(fmnist, 0, 3, 0.5, 0, slot_seed=0)
     assert set(tasks) == {"type", "group"} and tasks["group"].labels.max() <= 3
+    # disjoint halves of the device's own share, the group task relabelled by garment group
+    assert len(tasks["type"].labels) + len(tasks["group"].labels) == len(share)
+    assert sorted({t.name for t in tasks.values()}) == ["t0", "t1"]
     assert capability(fmnist, "incremental_tasks")[0] == (0, 1)
-    with pytest.raises(ValueError, match="^workload minilm-fortunes has no multi-task split"):
-        multitask_tasks(minilm, minilm.device_data(0, 3, 0.5, 0), seed=0)
-    parser = build_parser()
-    args = parser.parse_args(["demo", "--strategy", "fltac", "--workload", "minilm-fortunes"])
-    with pytest.raises(SystemExit, match=r"^edgefl: workload minilm-fortunes has no multi-task "
-                                         r"split \(FL-TAC\)$"):
-        _federation_config(args, "runs/demo")
-    args = parser.parse_args(["aggregator", "--strategy", "fed-talora",
-                              "--workload", "minilm-fortunes"])
-    with pytest.raises(SystemExit, match="has no class-incremental schedule"):
-        task_schedule(args)
-    args = parser.parse_args(["demo", "--workload", "minilm-fortunes", "--task-schedule", "0;1"])
-    with pytest.raises(SystemExit, match="has no class-incremental schedule"):
-        _federation_config(args, "runs/demo")
+    # a workload without the capability is refused in one line (a stand-in lacking both)
+    bare = SimpleNamespace(name="bare")
+    with pytest.raises(ValueError, match="^workload bare has no multi-task split"):
+        multitask_tasks(bare, 0, 3, 0.5, 0, slot_seed=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^workload bare has no class-incremental schedule"):
+        capability(bare, "incremental_tasks")  # type: ignore[arg-type]
+
+
+def test_fortunes_tasks_are_different_quotes_with_their_own_labels() -> None:
+    # Prepare
+    minilm = get_workload_data("minilm-fortunes")
+
+    # Execute
+    tasks = minilm.local_tasks(1, 4, 0.5, 0)
+    topic_test, language_test = (minilm.task_test_data(t) for t in ("topic", "language"))
+
+    # Assert: topic = English categories (the plain share), language = 4 other languages;
+    # no quote is in both tasks, nor in a task's training share and its test set
+    np.testing.assert_array_equal(tasks["topic"].x, minilm.device_data(1, 4, 0.5, 0).x)
+    assert set(np.unique(language_test.y)) == {0, 1, 2, 3}
+    rows = {task: {r.tobytes() for r in data.x} for task, data in tasks.items()}
+    assert not rows["topic"] & rows["language"]
+    assert not rows["language"] & {r.tobytes() for r in language_test.x}
+    assert not {r.tobytes() for r in topic_test.x} & {r.tobytes() for r in language_test.x}
+    assert capability(minilm, "incremental_tasks") == ((0, 1), (2, 3))
 
 
 def test_demo_and_emulate_defaults_come_from_the_workload() -> None:

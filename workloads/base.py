@@ -50,8 +50,10 @@ class WorkloadData(Protocol):
     """A workload's data half: private device shares and a held-out test set, in model format.
 
     Implementations import no torch (the gateway asks them about capabilities). Optional
-    capabilities, read through `capability()`: `task_labellings` and `task_labels(task, labels)`
-    (a multi-task split, FL-TAC) and `incremental_tasks` (a class-incremental schedule, Fed-TaLoRA).
+    capabilities, read through `capability()`: `task_labellings` (names of a multi-task split,
+    FL-TAC) with `local_tasks(index, num_devices, alpha, seed) -> {task: Dataset}` and
+    `task_test_data(task, size) -> Dataset`, and `incremental_tasks` (a class-incremental schedule
+    of label tuples, Fed-TaLoRA).
     """
 
     name: str

@@ -135,3 +135,19 @@ class FashionMnistData:
     def task_labels(self, task: str, labels: np.ndarray) -> np.ndarray:
         """Labels under one of TASK_LABELLINGS (see task_labels)."""
         return task_labels(task, labels)
+
+    def local_tasks(self, index: int, num_devices: int, alpha: float, seed: int
+                    ) -> dict[str, Dataset]:
+        """A multi-task device's data: its share cut in disjoint parts, one per labelling."""
+        share = self.device_data(index, num_devices, alpha, seed)
+        # Seeded by (seed, index): every process cuts a device's share the same way.
+        parts = np.array_split(np.random.default_rng((seed, index)).permutation(len(share)),
+                               len(TASK_LABELLINGS))
+        return {task: Dataset(share.x[np.sort(part)], task_labels(task, share.y[np.sort(part)]),
+                              share.source)
+                for task, part in zip(TASK_LABELLINGS, parts, strict=True)}
+
+    def task_test_data(self, task: str, size: int | None = None) -> Dataset:
+        """The first `size` test images, labelled by one of TASK_LABELLINGS."""
+        test = self.test_data(size)
+        return Dataset(test.x, task_labels(task, test.y), test.source)

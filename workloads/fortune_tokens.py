@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workloads import fortunes
+from workloads import fortunes, languages
 from workloads.base import RunSize, cache_root, file_sha256
 from workloads.data import Dataset, dirichlet_share
 
@@ -53,7 +53,9 @@ class FortuneTokens:
     """Quotes of 4 fortune categories as token ids (N, seq_len) int64, padded with the pad id.
 
     The stratified train/test split of workloads.fortunes: devices get Dirichlet shares of the
-    train part, the test part is held out. No multi-task split, no class-incremental schedule.
+    train part, the test part is held out. Capabilities: two tasks on different quotes for
+    FL-TAC ("topic": English categories; "language": German, Spanish, Italian or Polish quotes,
+    workloads.languages), and a class-incremental schedule of 2 tasks x 2 categories.
     """
 
     name = "minilm-fortunes"
@@ -65,33 +67,66 @@ class FortuneTokens:
     demo = RunSize(devices=4, rounds=4, local_steps=10, learning_rate=0.05)
     emulate = RunSize(devices=8, rounds=2, local_steps=2, learning_rate=0.05)
     eval_size = 400
+    # FL-TAC: both tasks use the 4-way head; label i means a category in one, a language in the
+    # other, so one shared adapter has to tell the tasks apart from the text alone.
+    task_labellings = ("topic", "language")
+    # Fed-TaLoRA: two tasks of two new categories each (computers, politics; science, work).
+    incremental_tasks = ((0, 1), (2, 3))
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:  # the gateway's data-only view of minilm-colora
+            self.name = name
 
     def device_data(self, index: int, num_devices: int, alpha: float, seed: int) -> Dataset:
         """Device `index`'s Dirichlet share of the training quotes (over the 4 categories)."""
-        train, _ = self._splits()
+        train, _ = self._splits("topic")
         return dirichlet_share(train, index, num_devices, alpha, seed, self.batch_size)
 
     def test_data(self, size: int | None = None) -> Dataset:
         """`size` held-out quotes, a fixed random sample (all 20% for None)."""
-        _, test = self._splits()
-        return test.head(size)
+        return self.task_test_data("topic", size)
 
-    def _splits(self) -> tuple[Dataset, Dataset]:
-        return _token_splits(self.token_cache())
+    def local_tasks(self, index: int, num_devices: int, alpha: float, seed: int
+                    ) -> dict[str, Dataset]:
+        """A multi-task device's data: a Dirichlet share of each task's training quotes.
 
-    def token_cache(self) -> Path:
+        The language task's split uses its own seed, so a device's two skews are independent.
+        """
+        return {task: dirichlet_share(self._splits(task)[0], index, num_devices, alpha,
+                                      seed + offset, self.batch_size)
+                for offset, task in enumerate(self.task_labellings)}
+
+    def task_test_data(self, task: str, size: int | None = None) -> Dataset:
+        """`size` held-out quotes of one task, labelled by that task."""
+        return self._splits(task)[1].head(size)
+
+    def _splits(self, task: str) -> tuple[Dataset, Dataset]:
+        if task not in self.task_labellings:
+            raise ValueError(f"unknown task {task!r}; choose from {self.task_labellings}")
+        return _token_splits(self.token_cache(task))
+
+    def token_cache(self, task: str = "topic") -> Path:
         """The .npz of every quote's token ids and label, tokenized once and kept in the cache.
 
-        Keyed by the corpus files, the tokenizer's files, seq_len and the corpus reader, so an
+        Keyed by the corpus files, the tokenizer's files, seq_len and the corpus readers, so an
         updated fortunes package or tokenizer retokenizes instead of reusing stale ids.
         """
-        corpus = [fortunes.FORTUNES_DIR / c for c in self.labels]
+        readers = [Path(fortunes.__file__)]
+        if task == "topic":
+            corpus = [fortunes.FORTUNES_DIR / c for c in self.labels]
+            load = lambda: fortunes.load_fortunes(self.labels)  # noqa: E731
+            prefix = "fortunes"
+        else:
+            corpus = [f for language in languages.LANGUAGES
+                      for f in languages.language_files(language)]
+            load, prefix = languages.load_languages, "languages"
+            readers.append(Path(languages.__file__))
         tokenizer = [model_dir() / f for f in _TOKENIZER_FILES if (model_dir() / f).is_file()]
-        key = file_sha256(*corpus, *tokenizer, Path(fortunes.__file__))[:16]
-        path = cache_root() / "data" / f"fortunes-minilm-s{self.seq_len}-{key}.npz"
+        key = file_sha256(*corpus, *tokenizer, *readers)[:16]
+        path = cache_root() / "data" / f"{prefix}-minilm-s{self.seq_len}-{key}.npz"
         if not path.exists():
-            logger.info("tokenizing the fortunes corpus -> %s", path)
-            texts, labels = fortunes.load_fortunes(self.labels)
+            logger.info("tokenizing the %s corpus -> %s", prefix, path)
+            texts, labels = load()
             buffer = io.BytesIO()
             np.savez(buffer, ids=self.tokenize(texts), labels=labels)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,13 @@ def read_category(category: str, root: Path = FORTUNES_DIR) -> list[str]:
             f"fortunes category {category!r} not found at {path}: "
             "install Debian's corpus with `apt-get install fortunes`"
         )
-    # The files are ASCII; "replace" keeps a stray byte from stopping a whole federation.
+    return read_quotes(path)
+
+
+def read_quotes(path: Path) -> list[str]:
+    """The quotes of one strfile-format file, in file order, whitespace-stripped, empty skipped."""
+    # English files are ASCII, the other languages' UTF-8; "replace" keeps a stray byte from
+    # stopping a whole federation.
     text = path.read_bytes().decode("utf-8", errors="replace")
     quotes = (_strip_overstrike(quote).strip() for quote in _SEPARATOR.split(text))
     return [quote for quote in quotes if quote]
