@@ -21,7 +21,7 @@ from workloads import WORKLOAD_NAMES
 REPO = Path(__file__).resolve().parent.parent
 FED = "client"
 # MiniLM at batch 4 (the parity test's export, shared through the cache): its steps are short.
-BATCH = {"minilm-fortunes": 4}
+BATCH = {"minilm-fortunes": 4, "minilm-colora": 4}
 # Each workload on one runtime, the two runtimes in turn (both are covered per workload elsewhere).
 CASES = [(name, ("executorch", "onnxruntime")[i % 2]) for i, name in enumerate(WORKLOAD_NAMES)]
 

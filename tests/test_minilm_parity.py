@@ -134,6 +134,37 @@ def test_one_sgd_step_matches_torch(
         np.testing.assert_allclose(after[backend][key], ref, rtol=0, atol=STEP_ATOL, err_msg=key)
 
 
+def test_a_class_mask_gives_the_same_logits_and_step_on_every_backend(
+    trainers: dict[str, Trainer], adapter: TensorDict, batch: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Class-incremental rounds (Fed-TaLoRA) mask the logits of the classes outside the task."""
+    ids, labels = batch
+    task = [0, 1]
+    inside = np.isin(labels, task)
+    assert inside.any() and not inside.all(), "the batch must hold classes on both sides"
+    logits, after = {}, {}
+    for name in ("torch", "onnxruntime", "executorch"):
+        trainer = trainers[name]
+        trainer.set_adapter(adapter)
+        trainer.set_learning_rate(LEARNING_RATE)
+        trainer.set_class_mask(task)
+        try:
+            logits[name] = trainer.logits(ids)
+            trainer.train_step(ids[inside].repeat(2, axis=0)[: len(ids)],
+                               labels[inside].repeat(2, axis=0)[: len(ids)])
+            after[name] = trainer.get_adapter()
+        finally:
+            trainer.set_class_mask(None)
+    # masked classes can never win, and every backend agrees on the logits and the step
+    assert set(logits["torch"].argmax(-1)) <= set(task)
+    for name in ("onnxruntime", "executorch"):
+        kept = logits["torch"][:, task]
+        np.testing.assert_allclose(logits[name][:, task], kept, atol=1e-4, err_msg=name)
+        for key, ref in after["torch"].items():
+            np.testing.assert_allclose(after[name][key], ref, rtol=0, atol=STEP_ATOL,
+                                       err_msg=f"{name} {key}")
+
+
 def test_padded_rows_stay_finite(
     workload: MiniLmFortunes, trainers: dict[str, Trainer], batch: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -156,10 +187,11 @@ def test_a_base_delta_on_every_lora_layer_matches_torch(
 ) -> None:
     """Exact aggregation's residual on all 12 query/value layers: ExecuTorch passes it as program
     inputs, ONNX Runtime and torch write it into the frozen weights; all three agree."""
-    from protocol.manifest import BASE_DELTA, load_manifest
+    from protocol.manifest import BASE_DELTA, LOGIT_BIAS, load_manifest
 
-    specs = load_manifest(artifacts).frozen_inputs
-    assert len(specs) == 12 and {s.kind for s in specs} == {BASE_DELTA}  # no logit_bias
+    every = load_manifest(artifacts).frozen_inputs
+    assert sorted(s.kind for s in every) == [BASE_DELTA] * 12 + [LOGIT_BIAS]
+    specs = [s for s in every if s.kind == BASE_DELTA]
     rng = np.random.default_rng(9)
     deltas = {s.name: rng.normal(0.0, 0.02, s.shape).astype(np.float32) for s in specs}
     results = {}
@@ -168,9 +200,6 @@ def test_a_base_delta_on_every_lora_layer_matches_torch(
         trainer.set_adapter(adapter)
         trainer.set_base_delta(deltas)
         results[backend] = trainer.gradients(*batch)  # type: ignore[attr-defined]
-        if backend == "executorch":
-            with pytest.raises(NotImplementedError, match="logit-bias"):
-                trainer.set_class_mask([0, 1])
     ref_loss, ref_grads = results["torch"]
     assert abs(ref_loss - gradients["torch"][0]) > 1e-3  # the delta changed the model
     for backend in ("executorch", "onnxruntime"):

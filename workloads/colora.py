@@ -5,7 +5,8 @@ Leveraging Task Similarity", arXiv 2602.07218. A and B are shared by the federat
 averages them, aggregator/personal.py); the core S, initialised to the identity so training starts
 from plain LoRA, never leaves the device and is persisted per device as a safetensors file. The
 W_i = W0 + s·B·S_i·A parametrisation is a reconstruction from the paper's O(d·r + k·r²)
-parameter count (ALGORITHMS.md §3, [UNVERIFIED]). Only linear layers are adapted, as in cnn.py.
+parameter count (ALGORITHMS.md §3, [UNVERIFIED]). Only linear layers are adapted, as in cnn.py;
+add_colora puts the layers into any model (minilm_colora.py: MiniLM's attention query/value).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from workloads.cnn import LORA_ALPHA, LORA_RANK, LORA_TARGETS, Cnn, FmnistCnn
 from workloads.lora import get_adapter
 
 CORE = "lora_S"  # the module name of a personal core; aggregator.personal treats it as personal
+# What a CoLoRA workload adds to its manifest's LoRA summary.
+PERSONAL_SUMMARY = {"personal": f"{CORE}: r x r core per layer, on device"}
 
 
 class DiagonalCore(nn.Module):
@@ -76,9 +79,30 @@ def build_colora_cnn(
     torch.manual_seed(seed)
     model.head.reset_parameters()
     model.head.requires_grad_(True)
-    for name in LORA_TARGETS:
-        setattr(model, name, CoLoraLinear(getattr(model, name), rank, alpha, diagonal))
-    return model.eval()
+    return add_colora(model, LORA_TARGETS, rank, alpha, diagonal).eval()
+
+
+def add_colora(
+    model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, diagonal: bool = False,
+) -> nn.Module:
+    """Swap every nn.Linear whose own name is in `targets` for a CoLoraLinear; returns `model`.
+
+    Targets match the last name segment, as peft's target_modules do ("query" adapts every
+    "...attention.self.query"). Layers are wrapped in module order, so a seed set beforehand
+    fixes every A factor.
+
+    Raises:
+        ValueError: No linear layer matches `targets`.
+    """
+    # Listed first: swapping while named_modules() walks the model would visit the new layers.
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets]
+    if not found:
+        raise ValueError(f"no nn.Linear named {targets} in {type(model).__name__}")
+    for name, linear in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, CoLoraLinear(linear, rank, alpha, diagonal))
+    return model
 
 
 def is_core(key: str) -> bool:
@@ -137,4 +161,4 @@ class FmnistCoLora(FmnistCnn):
 
     def lora_summary(self) -> dict[str, object]:
         """LoRA settings plus the personal cores, for the manifest."""
-        return super().lora_summary() | {"personal": f"{CORE}: r x r core per layer, on device"}
+        return super().lora_summary() | PERSONAL_SUMMARY

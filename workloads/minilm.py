@@ -25,6 +25,25 @@ LORA_ALPHA = 16
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+def load_encoder(base_weights: Path) -> nn.Module:
+    """all-MiniLM-L6-v2's encoder from the folder of `base_weights`, set up to export."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(
+        Path(base_weights).parent,
+        local_files_only=True,
+        dtype=torch.float32,
+        # Eager attention exports to both ExecuTorch and ONNX (opset 14) as plain matmuls.
+        attn_implementation="eager",
+        # The pooler (CLS dense + tanh) is unused by mean pooling: leave it out of the graphs.
+        add_pooling_layer=False,
+        # The ONNX export traces in training mode (so weights stay initializers) and would
+        # keep dropout active there; zero rates make every backend compute the same function.
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
 class MiniLmClassifier(nn.Module):
     """Token ids -> BERT encoder -> mean over non-pad tokens -> linear head.
 
@@ -37,6 +56,10 @@ class MiniLmClassifier(nn.Module):
         self.bert = bert  # named like HF's own classifiers: keys read "bert.encoder.layer.N..."
         self.head = nn.Linear(bert.config.hidden_size, num_classes)
         self.pad_token_id = pad_token_id
+        # The class mask of class-incremental rounds (Fed-TaLoRA): 0 or a large negative per
+        # class, added to the logits. Frozen; the ExecuTorch program takes it as an input
+        # (manifest.frozen_inputs), as the CNN's.
+        self.logit_bias = nn.Parameter(torch.zeros(num_classes), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # input_ids: (B, L) int64
         keep = (input_ids != self.pad_token_id).to(torch.float32)  # (B, L)
@@ -49,7 +72,7 @@ class MiniLmClassifier(nn.Module):
         # zero batches backends use for warm-up and padding) finite instead of 0/0.
         summed = (hidden * keep[:, :, None]).sum(dim=1)  # (B, H)
         pooled = summed / keep.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return self.head(pooled)  # (B, num_classes)
+        return self.head(pooled) + self.logit_bias  # (B, num_classes)
 
 
 class MiniLmFortunes(FortuneTokens):
@@ -80,21 +103,7 @@ class MiniLmFortunes(FortuneTokens):
         Returns:
             The peft-wrapped classifier in eval mode; only LoRA factors and the head train.
         """
-        from transformers import AutoModel
-
-        bert = AutoModel.from_pretrained(
-            Path(base_weights).parent,
-            local_files_only=True,
-            dtype=torch.float32,
-            # Eager attention exports to both ExecuTorch and ONNX (opset 14) as plain matmuls.
-            attn_implementation="eager",
-            # The pooler (CLS dense + tanh) is unused by mean pooling: leave it out of the graphs.
-            add_pooling_layer=False,
-            # The ONNX export traces in training mode (so weights stay initializers) and would
-            # keep dropout active there; zero rates make every backend compute the same function.
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
+        bert = load_encoder(base_weights)
         model = MiniLmClassifier(bert, len(self.labels), self.tokenizer.pad_token_id)
         return with_lora_and_new_head(model, LORA_RANK, LORA_ALPHA, LORA_TARGETS, seed)
 

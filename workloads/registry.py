@@ -9,6 +9,7 @@ from workloads import WORKLOAD_NAMES
 from workloads.base import Workload, WorkloadData
 
 _FMNIST = ("fmnist-cnn", "fmnist-fedsq", "fmnist-colora")
+_FORTUNES = ("minilm-fortunes", "minilm-colora")
 
 
 def get_workload(name: str) -> Workload:
@@ -30,6 +31,10 @@ def get_workload(name: str) -> Workload:
         from workloads.minilm import MiniLmFortunes
 
         return MiniLmFortunes()
+    if name == "minilm-colora":
+        from workloads.minilm_colora import MiniLmCoLora
+
+        return MiniLmCoLora()
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOAD_NAMES}")
 
 
@@ -39,8 +44,8 @@ def get_workload_data(name: str) -> WorkloadData:
         from workloads.fmnist import FashionMnistData
 
         return FashionMnistData(name)
-    if name == "minilm-fortunes":
+    if name in _FORTUNES:
         from workloads.fortune_tokens import FortuneTokens
 
-        return FortuneTokens()
+        return FortuneTokens(name)
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOAD_NAMES}")
