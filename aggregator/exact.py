@@ -26,6 +26,7 @@ otherwise its best approximation at the rank `rank_caps` allows, with the error 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -339,3 +340,20 @@ def ledger_rank(cumulative: TensorDict) -> int:
     ranks = [min(cumulative[layer + DENSE].shape) if layer + DENSE in cumulative
              else cumulative[layer + _U].shape[1] for layer in residual_layers(cumulative)]
     return max(ranks, default=0)
+
+
+def residual_ratio(residual: Mapping[str, np.ndarray], adapter: TensorDict,
+                   scaling: Mapping[str, float]) -> float:
+    """‖R‖ / ‖s·B̄Ā‖ over all layers (Frobenius): how much exact aggregation adds to FedAvg.
+
+    Args:
+        residual: Per layer, the dense residual R folded into the frozen weight.
+        adapter: The global adapter (its `<layer>.lora_A.weight` / `.lora_B.weight` factors).
+        scaling: Per layer, the LoRA scaling s = α/r.
+    """
+    residual_sq = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in residual.values())
+    product_sq = 0.0
+    for layer in lora_layers(adapter):
+        b, a = adapter[layer + _B].astype(np.float64), adapter[layer + _A].astype(np.float64)
+        product_sq += float(np.sum(np.square(scaling[layer] * (b @ a))))
+    return math.sqrt(residual_sq / product_sq) if product_sq > 0 else math.inf

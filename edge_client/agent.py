@@ -239,6 +239,16 @@ class DeviceAgent:
         return payload
 
     # -- exact aggregation: the residual folded into the frozen weights ----------------------
+    def _take_final_step(self, message: GlobalModel) -> None:
+        """Add the final global's residual step, so the frozen weights kept are the final model's.
+
+        Only when level with the round before it (a step away); a device further behind would
+        need the catch-up copy, which is not worth waiting for once the federation is over.
+        """
+        if (message.residual and message.manifest_sha256 == self.trainer.manifest.sha256
+                and self.residual_round == message.round - 1):
+            self._sync_residual(message)
+
     def _sync_residual(self, message: GlobalModel) -> bool:
         """Bring our residual level with the global's round t; False: wait for a catch-up.
 
@@ -430,6 +440,7 @@ class DeviceAgent:
                     continue
                 if message.final:  # nothing kept can count any more
                     self._clear_pending()
+                    self._take_final_step(message)
                     logger.info("%s: federation finished at round %d", self.device_id,
                                 message.round)
                     break

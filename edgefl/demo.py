@@ -21,6 +21,7 @@ from rich.table import Table
 from safetensors.numpy import load_file
 
 from aggregator.coordinator import AggregatorConfig, Coordinator, RoundRecord
+from aggregator.exact import lora_layers, residual_ratio
 from aggregator.registry import RESIDUAL_STRATEGIES, STRATEGY_NAMES
 from aggregator.store import GlobalStore
 from edge_client.fleet import (
@@ -125,6 +126,10 @@ class FederationResult:
     slot_accuracy: dict[str, float] = field(default_factory=dict)
     # device id -> its final model's accuracy on its own label mix (edgefl.device_scores)
     device_accuracy: dict[str, float | None] = field(default_factory=dict)
+    # exact aggregation: ‖R‖ / ‖s·B̄Ā‖ of the final global (what FedAvg would have dropped)
+    residual_ratio: float | None = None
+    # a task schedule: the final model's accuracy on each trained task's classes (forgetting)
+    task_accuracy: list[float] = field(default_factory=list)
 
     @property
     def improved(self) -> bool:
@@ -234,13 +239,20 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         result.device_accuracy = device_accuracy(
             evaluator, data, fleet, state.adapter, state.clusters, state.assignment,
             state.residual, run_dir / "devices", test, _seen_classes(config, coordinator))
+        if state.residual:
+            scaling = {layer: manifest.lora_scaling(layer) for layer in lora_layers(state.adapter)}
+            result.residual_ratio = residual_ratio(dense_residual(state.residual), state.adapter,
+                                                   scaling)
+        if config.task_schedule:
+            result.task_accuracy = _task_accuracy(config, coordinator, evaluator, test)
     _print_summary(console, result, config.workload, fleet.devices, _measure(config))
     (run_dir / "results.json").write_text(json.dumps({
         "broker": result.broker, "data": result.data_source,
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "rounds": [asdict(r) for r in result.rows], "rejections": result.rejections,
         "skipped_rounds": result.skipped_rounds, "links_lost": result.links_lost,
-        "device_accuracy": result.device_accuracy,
+        "device_accuracy": result.device_accuracy, "residual_ratio": result.residual_ratio,
+        "task_accuracy": result.task_accuracy,
     }, indent=1))
     report = write_report(run_dir / "results.json")
     console.print(f"results written to {run_dir / 'results.json'}; charts in {report}")
@@ -283,6 +295,27 @@ def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator
         return (*evaluate_dataset(evaluator, test.x[keep], test.y[keep]), {})
     finally:
         evaluator.set_class_mask(None)
+
+
+def _task_accuracy(config: FederationConfig, coordinator: Coordinator, evaluator: Trainer,
+                   test: Dataset) -> list[float]:
+    """Accuracy on each trained task's classes, predicted among all classes seen (no task id)."""
+    seen = _seen_classes(config, coordinator) or []
+    state = coordinator.state
+    if state.residual:
+        evaluator.set_base_delta(dense_residual(state.residual))
+    evaluator.set_adapter(state.adapter)
+    evaluator.set_class_mask(seen)
+    try:
+        scores = []
+        for task in config.task_schedule:
+            if not set(task) <= set(seen):
+                break
+            keep = np.isin(test.y, task)
+            scores.append(evaluate_dataset(evaluator, test.x[keep], test.y[keep])[1])
+        return scores
+    finally:
+        evaluator.set_class_mask(None)  # (each scoring sets the residual it needs itself)
 
 
 def _seen_classes(config: FederationConfig, coordinator: Coordinator) -> list[int] | None:

@@ -64,8 +64,12 @@ def device_accuracy(
         classes: Classes scored (a class-incremental run's seen classes); None for all.
     """
     num_classes = len(data.labels)
-    evaluator.set_base_delta(dense_residual(residual) if residual else {})
-    evaluator.set_class_mask(classes)
+    # Only what the run used is set: programs without a residual input or a logit bias refuse
+    # these calls.
+    if residual:
+        evaluator.set_base_delta(dense_residual(residual))
+    if classes is not None:
+        evaluator.set_class_mask(classes)
     slots = _device_slots(data, fleet)
     cache: dict[tuple[object, str], np.ndarray] = {}
     personal_scored = 0
@@ -95,9 +99,9 @@ def device_accuracy(
                 values.append(mix_accuracy(cache[key, task], train_labels))
             scored = [v for v in values if v is not None]
             scores[device] = float(np.mean(scored)) if scored else None
-    finally:
-        evaluator.set_base_delta({})
-        evaluator.set_class_mask(None)
+    finally:  # (each scoring sets the residual it needs itself)
+        if classes is not None:
+            evaluator.set_class_mask(None)
     return scores
 
 

@@ -13,6 +13,7 @@ from aggregator.exact import (
     lora_layers,
     residual,
     residual_nbytes,
+    residual_ratio,
 )
 from protocol.residual import dense_residual
 from aggregator.strategies import fedavg
@@ -146,3 +147,15 @@ def test_inputs_without_lora_or_empty_raise() -> None:
         residual([])
     with pytest.raises(ValueError, match="lora_A"):
         residual([({"head.weight": np.ones((2, 2), np.float32)}, 1.0)])
+
+
+def test_residual_ratio_compares_frobenius_norms_by_hand() -> None:
+    # Prepare: one layer, s = 2, B = [[1], [0]], A = [[3, 4]] -> s·BA = [[6, 8], [0, 0]], norm 10;
+    # R = [[0, 0], [3, 4]] -> norm 5
+    adapter = {"fc1.lora_B.weight": np.array([[1.0], [0.0]], dtype=np.float32),
+               "fc1.lora_A.weight": np.array([[3.0, 4.0]], dtype=np.float32),
+               "head.weight": np.ones((2, 2), dtype=np.float32)}
+    residual = {"fc1": np.array([[0.0, 0.0], [3.0, 4.0]], dtype=np.float32)}
+
+    # Execute / Assert
+    assert residual_ratio(residual, adapter, {"fc1": 2.0}) == 0.5
