@@ -126,6 +126,8 @@ class FederationResult:
     slot_accuracy: dict[str, float] = field(default_factory=dict)
     # device id -> its final model's accuracy on its own label mix (edgefl.device_scores)
     device_accuracy: dict[str, float | None] = field(default_factory=dict)
+    # FL-TAC: the final slot -> cluster assignment
+    assignment: dict[str, int] = field(default_factory=dict)
     # exact aggregation: ‖R‖ / ‖s·B̄Ā‖ of the final global (what FedAvg would have dropped)
     residual_ratio: float | None = None
     # a task schedule: the final model's accuracy on each trained task's classes (forgetting)
@@ -239,6 +241,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         result.device_accuracy = device_accuracy(
             evaluator, data, fleet, state.adapter, state.clusters, state.assignment,
             state.residual, run_dir / "devices", test, _seen_classes(config, coordinator))
+        result.assignment = dict(state.assignment)
         if state.residual:
             scaling = {layer: manifest.lora_scaling(layer) for layer in lora_layers(state.adapter)}
             result.residual_ratio = residual_ratio(dense_residual(state.residual), state.adapter,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from experiments.document import render
-from experiments.report import summary
+from experiments.report import extract_section, summary, with_section
 from experiments.runner import FULL, QUICK, run_all
 from workloads.cnn import FmnistCnn
 
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, config, command))
+    # The text federations' section (python -m experiments.text) is kept as it was.
+    kept = extract_section(args.out.read_text()) if args.out.exists() else ""
+    args.out.write_text(with_section(render(results, config, command), kept))
     if args.json is not None:
         digest = {name: summary(runs) for name, runs in results.runs.items()}
         args.json.write_text(json.dumps(digest, indent=1, sort_keys=True))

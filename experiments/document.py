@@ -167,9 +167,11 @@ def render(results: Results, config: SimConfig, command: str) -> str:
     cores = os.cpu_count()
     settings = ", ".join(f"{k}={v}" for k, v in asdict(config).items())
     parts = [
-        "# Results: the five federated LoRA methods in simulation",
+        "# Results: the five federated LoRA methods",
         "",
-        f"Produced by `{command}` (rerun it to refresh this file; do not edit by hand).",
+        f"Produced by `{command}` (rerun it to refresh this file; do not edit by hand): "
+        "Fashion-MNIST in simulation. The last section, MiniLM on real text as MQTT federations, "
+        "is written by `python -m experiments.text`; each command keeps the other's part.",
         "",
         f"- Machine: {cores} CPU cores ({platform.machine()}, {platform.system()}), Python "
         f"{platform.python_version()}, torch {torch.__version__}, "

@@ -114,3 +114,25 @@ def summary(runs: Sequence[RunResult]) -> dict[str, dict[str, float]]:
             "bytes_down": float(np.mean([r.bytes_down for r in mine])),
         } | {k: float(np.mean([r.extra[k] for r in mine])) for k in mine[0].extra}
     return out
+
+
+# docs/RESULTS.md holds the simulator's page and, between these markers, the text federations'
+# section (experiments.text): each command rewrites its own part and keeps the other's.
+SECTION_BEGIN, SECTION_END = "<!-- text-results:begin -->", "<!-- text-results:end -->"
+
+
+def extract_section(text: str) -> str:
+    """The marked section of a page, markers included ("" if it has none)."""
+    if SECTION_BEGIN not in text or SECTION_END not in text:
+        return ""
+    return SECTION_BEGIN + text.split(SECTION_BEGIN, 1)[1].split(SECTION_END, 1)[0] + SECTION_END
+
+
+def with_section(text: str, section: str) -> str:
+    """`text` with its marked section replaced by `section` (appended if it has none)."""
+    if not section:
+        return text
+    old = extract_section(text)
+    if old:
+        return text.replace(old, section.strip("\n"))
+    return text.rstrip("\n") + "\n\n" + section.strip("\n") + "\n"
