@@ -33,7 +33,8 @@ def native_stderr_silenced() -> Iterator[None]:
     """When quiet, point fd 2 at /dev/null for the block (a C++ fprintf bypasses sys.stderr).
 
     Keep the block short: whatever any thread writes to stderr meanwhile is lost, so it wraps
-    only the one call known to print (ExecuTorch's first program run reads the CPU topology).
+    only calls known to print (ExecuTorch's first program run reads the CPU topology; ONNX
+    Runtime's training-artifact generation logs its graph passes), with no other thread busy.
     """
     if not is_quiet():
         yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -56,8 +57,10 @@ def _artifacts(args: argparse.Namespace) -> Path:
         from export.build import build_artifacts
     except ImportError as exc:  # the gateway image installs no torch
         raise SystemExit(f"--artifacts is required here ({exc}); copy an exported folder") from exc
+    from edge_client.native_logs import native_stderr_silenced
 
-    return build_artifacts(args.workload)
+    with native_stderr_silenced():  # ONNX Runtime's export prints its graph passes from C++
+        return build_artifacts(args.workload)
 
 
 def _gateway_connection(args: argparse.Namespace, identity: str) -> dict:
@@ -119,9 +122,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Build (or find in the cache) a workload's training programs; print the folder."""
     from export.build import build_artifacts
 
+    from edge_client.native_logs import native_stderr_silenced
+
     backends = tuple(args.backends.split(","))
     out = Path(args.out) if args.out else None
-    print(build_artifacts(args.workload, args.batch_size, args.seed, out, backends))
+    with native_stderr_silenced():  # ONNX Runtime's export prints its graph passes from C++
+        folder = build_artifacts(args.workload, args.batch_size, args.seed, out, backends)
+    print(folder)
     return 0
 
 
@@ -137,6 +144,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from transport import TransportError
     from transport.mqtt import MqttTransport
 
+    window_bytes = _window_bytes(args.window_mib)
     artifacts = _artifacts(args)
     config = _config(
         AggregatorConfig,
@@ -187,7 +195,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     # Persistent session + manual acks: updates sent while the aggregator is down, or received
     # but not yet committed when it died, are delivered again when it comes back.
     transport = MqttTransport(secure["host"], secure["port"], f"aggregator-{args.federation}",
-                              persistent_session=True, manual_ack=True, tls=secure["tls"])
+                              persistent_session=True, manual_ack=True, tls=secure["tls"],
+                              window_bytes=window_bytes)
     try:
         store = GlobalStore(Path(args.state_dir) / args.federation)
         transport.start()
@@ -215,6 +224,13 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             status.stop()
         transport.stop()
     return 0
+
+
+def _window_bytes(mib: float) -> int:
+    """--window-mib in bytes, or a one-line exit for a value that is not a positive size."""
+    if not (math.isfinite(mib) and mib > 0):
+        raise SystemExit(f"edgefl: --window-mib must be a positive number of MiB, got {mib}")
+    return max(1, int(mib * 2**20))
 
 
 def _allowed_devices(args: argparse.Namespace, signed: bool) -> frozenset[str] | None:
@@ -327,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
     from aggregator.registry import STRATEGY_NAMES
     from aggregator.config import DEFAULT_MAX_SAMPLES
+    from transport.mqtt import WINDOW_BYTES
     from edge_client.trainer import BACKENDS
     from edgefl.gateway import add_gateway_parser
     from protocol.quant import ENCODINGS
@@ -398,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sync rounds, or async FedBuff (a version every --clients-per-round)")
     p.add_argument("--max-staleness", type=int, default=4,
                    help="async: oldest version an update may start from")
+    p.add_argument("--window-mib", type=float, default=WINDOW_BYTES / 2**20,
+                   help="received updates held in memory before the aggregator stops reading "
+                        "from the broker, which keeps the rest (default %(default)g)")
     method_args(p)
     p.set_defaults(func=cmd_aggregator)
 

@@ -32,6 +32,7 @@ from edge_client.fleet import (
     fleet_task_kinds,
     start_fleet,
 )
+from edge_client.native_logs import native_stderr_silenced
 from edge_client.trainer import Trainer, evaluate_dataset, make_trainer
 from export.build import build_artifacts
 from protocol.manifest import load_manifest
@@ -144,7 +145,9 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
     console = console or Console()
     fleet = config.fleet
     # 1. artifacts: built once, then reused from the cache
-    with console.status(f"exporting {config.workload}'s training programs (cached after)"):
+    # ONNX Runtime's artifact generation prints its graph passes from C++ (the first run only).
+    with console.status(f"exporting {config.workload}'s training programs (cached after)"), \
+            native_stderr_silenced():
         artifacts = build_artifacts(config.workload)
     manifest = load_manifest(artifacts)
     initial = load_file(str(artifacts / manifest.files["adapter_init"]))

@@ -34,6 +34,21 @@ def minilm_artifacts() -> Path:
     return build_artifacts("minilm-fortunes", batch_size=BATCH)
 
 
+def _devices(broker: Broker, artifacts: Path, backends: tuple[str, ...], state_dir: Path,
+             seed: int) -> list[DeviceAgent]:
+    """One device per backend, each with its Dirichlet (alpha 0.5) share of the fortunes."""
+    data = get_workload_data("minilm-fortunes")
+    agents = []
+    for i, backend in enumerate(backends):
+        device_id = f"dev{i}-{backend}"
+        share = data.device_data(i, len(backends), alpha=0.5, seed=seed)
+        transport = MqttTransport(broker.host, broker.port, device_id,
+                                  will=DeviceAgent.will(FED, device_id))
+        agents.append(DeviceAgent(device_id, FED, make_trainer(backend, artifacts), share.x,
+                                  share.y, transport, state_dir, seed=device_seed(device_id)))
+    return agents
+
+
 @pytest.mark.slow
 def test_minilm_devices_on_two_runtimes_complete_rounds_with_no_rejection(
     mosquitto: Broker, minilm_artifacts: Path, tmp_path: Path
@@ -41,7 +56,6 @@ def test_minilm_devices_on_two_runtimes_complete_rounds_with_no_rejection(
     # Prepare: 3 devices, Dirichlet shares of the 4 categories, 2 rounds of 2 local steps
     manifest = load_manifest(minilm_artifacts)
     initial = load_file(str(minilm_artifacts / manifest.files["adapter_init"]))
-    data = get_workload_data("minilm-fortunes")
     agg = MqttTransport(mosquitto.host, mosquitto.port, "agg", manual_ack=True,
                         persistent_session=True)
     agg.start()
@@ -51,15 +65,7 @@ def test_minilm_devices_on_two_runtimes_complete_rounds_with_no_rejection(
                               train=TrainConfig(local_steps=2, learning_rate=0.05))
     coordinator = Coordinator(config, manifest, initial, agg, GlobalStore(tmp_path / "agg"),
                               on_round=lambda record, adapter: globals_seen.append(adapter))
-    agents = []
-    for i, backend in enumerate(BACKENDS):
-        device_id = f"dev{i}-{backend}"
-        share = data.device_data(i, len(BACKENDS), alpha=0.5, seed=0)
-        transport = MqttTransport(mosquitto.host, mosquitto.port, device_id,
-                                  will=DeviceAgent.will(FED, device_id))
-        agents.append(DeviceAgent(device_id, FED, make_trainer(backend, minilm_artifacts),
-                                  share.x, share.y, transport, tmp_path / "devices",
-                                  seed=device_seed(device_id)))
+    agents = _devices(mosquitto, minilm_artifacts, BACKENDS, tmp_path / "devices", seed=0)
 
     # Execute
     records = run_rounds(coordinator, agents, agg)
@@ -83,7 +89,6 @@ def test_minilm_exact_and_fed_talora_run_30_rounds_within_the_payload_limit(
     rounds = 30
     manifest = load_manifest(minilm_artifacts)
     initial = load_file(str(minilm_artifacts / manifest.files["adapter_init"]))
-    data = get_workload_data("minilm-fortunes")
     agg = MqttTransport(mosquitto.host, mosquitto.port, "agg", manual_ack=True,
                         persistent_session=True)
     agg.start()
@@ -93,15 +98,8 @@ def test_minilm_exact_and_fed_talora_run_30_rounds_within_the_payload_limit(
                               round_deadline_s=240, strategy=strategy,
                               train=TrainConfig(local_steps=1, learning_rate=0.05), **schedule)
     coordinator = Coordinator(config, manifest, initial, agg, GlobalStore(tmp_path / "agg"))
-    agents = []
-    for i, backend in enumerate(("executorch", "onnxruntime")):
-        device_id = f"dev{i}-{backend}"
-        share = data.device_data(i, 2, alpha=0.5, seed=1)
-        transport = MqttTransport(mosquitto.host, mosquitto.port, device_id,
-                                  will=DeviceAgent.will(FED, device_id))
-        agents.append(DeviceAgent(device_id, FED, make_trainer(backend, minilm_artifacts),
-                                  share.x, share.y, transport, tmp_path / "devices",
-                                  seed=device_seed(device_id)))
+    agents = _devices(mosquitto, minilm_artifacts, ("executorch", "onnxruntime"),
+                      tmp_path / "devices", seed=1)
 
     # Execute
     records = run_rounds(coordinator, agents, agg)
