@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often the loop wakes to check the deadline when no message arrives
 RETRY_STORAGE_S = 2.0  # how often updates that could not be stored are tried again
+# Group commit: the messages already received are handled in memory, their accepted updates
+# committed in one transaction (one fsync), and only then acknowledged. This caps a group, so a
+# steady stream still commits (and acknowledges) regularly.
+BATCH_MAX = 128
 # One entry per closed round on the status page; totals on /metrics count every round.
 MAX_HISTORY_ROUNDS = 1000
 
@@ -62,6 +66,16 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Handled:
+    """A message handled in memory, acknowledged once its group is committed."""
+
+    message: Received
+    accepted: Accepted | None = None  # None: a status or a rejection, nothing to store
+    kept: TensorDict | None = None  # what the round aggregator asked to keep of the update
+    count: int = 0  # updates in the round once this one is in (for the log line)
 
 
 class Coordinator:
@@ -101,6 +115,8 @@ class Coordinator:
         self._history: tuple[RoundSummary, ...] = ()
         # Updates received while the state could not be written: unacknowledged, tried again.
         self._deferred: list[Received] = []
+        self._group: list[_Handled] = []  # handled since the last commit, in arrival order
+        self._group_ids: set[str] = set()  # update ids accepted in it, not yet in the store
         self._storage_error: str | None = None
         self._last_retry = now()
         self._catch_up_cache: tuple[int, bytes] | None = None
@@ -197,7 +213,7 @@ class Coordinator:
             raise Rejected("unknown-device", device_id)
         if update.manifest_sha256 != self.manifest_sha256:
             raise Rejected("manifest", f"{device_id} trains another model version")
-        if self.store.is_accepted(update.update_id):
+        if update.update_id in self._group_ids or self.store.is_accepted(update.update_id):
             raise Rejected("duplicate", f"update {update.update_id} already counted")
         if update.round < self.round - self.family.max_staleness:
             raise Rejected("stale-round", f"{device_id} sent round {update.round} in {self.round}")
@@ -236,51 +252,88 @@ class Coordinator:
         return Contribution(slot, adapter, start, weight, staleness)
 
     def handle(self, message: Received) -> bool:
-        """Process one received message: status, accepted update, or counted rejection.
+        """Process one message and commit it: status, accepted update, or counted rejection.
 
         Returns False only when an update could not be written to the state (disk full): it
-        must stay unacknowledged and be handed in again later. No message raises.
+        must stay unacknowledged and be handed in again later. No message raises. The caller
+        acknowledges; the run loop does the same for whole groups of messages.
         """
+        self._fold(message)
+        group, self._group = self._group, []
+        return self._commit(group)
+
+    def _fold(self, message: Received) -> None:
+        """Handle one message in memory; it joins the group that the next commit stores."""
         if "/status/" in message.topic:
             self._handle_status(message)
-            return True
+            self._group.append(_Handled(message))
+            return
         try:
             update = self.validate(message.topic, message.payload)
             contribution = self._contribution(update)
             kept = self.aggregator.add(contribution)
         except Rejected as exc:
             self._reject(message.topic, exc)
-            return True
+            self._group.append(_Handled(message))
+            return
         except Exception as exc:  # no message may crash the gateway, whatever it holds
             logger.debug("update on %s failed", message.topic, exc_info=True)
             self._reject(message.topic, Rejected("invalid", f"{type(exc).__name__}: {exc}"))
-            return True
-        before = self.open
-        state = replace(before, reported={**before.reported, contribution.slot: update.update_id},
-                        weight=before.weight + contribution.weight,
-                        metric_sums=dict(before.metric_sums), bytes=before.bytes + len(message.payload))
+            self._group.append(_Handled(message))
+            return
+        # Changed in place (a round of thousands must not copy its table per update): if the
+        # commit fails, the round is rebuilt from the store anyway.
+        state = self.open
+        state.reported[contribution.slot] = update.update_id
+        state.weight += contribution.weight
+        state.bytes += len(message.payload)
         if self.family.device_metrics:
             for name, value in update.metrics.items():
                 state.metric_sums[name] = (state.metric_sums.get(name, 0.0)
                                            + value * contribution.weight)
-        # Durable before the MQTT ack: a crash from here on makes the broker redeliver, and
-        # the accepted-id table then drops the copy.
-        try:
-            self.store.accept(
-                Accepted(update.update_id, contribution.slot, update.num_samples,
-                         contribution.weight, contribution.staleness),
-                state, self.aggregator.snapshot(), kept)
-        except StorageError as exc:
-            self._storage_failed(exc)
-            # The aggregator already took the update: rebuild it from what was stored.
-            _, self.aggregator = self._restore_open_round()
-            return False
-        self.open = state
-        self._storage_recovered()
-        logger.info("round %d: accepted %s (%d samples), %d/%d", self.round, contribution.slot,
-                    update.num_samples, len(state.reported), self.config.clients_per_round)
+        self._group_ids.add(update.update_id)
+        accepted = Accepted(update.update_id, contribution.slot, update.num_samples,
+                            contribution.weight, contribution.staleness)
+        self._group.append(_Handled(message, accepted, kept, len(state.reported)))
+
+    def _commit(self, group: list[_Handled]) -> bool:
+        """Store the group's accepted updates, the round's totals and its aggregator's snapshot
+        in one transaction; False if the state disk refused (the round then goes back to what
+        the store holds, and the caller keeps those updates unacknowledged)."""
+        self._group_ids.clear()
+        rows = [(h.accepted, h.kept) for h in group if h.accepted is not None]
+        if rows:
+            try:
+                self.store.accept_batch(rows, self.open, self.aggregator.snapshot())
+            except StorageError as exc:
+                self._storage_failed(exc)
+                # The aggregator already took the updates: rebuild it from what was stored.
+                self.open, self.aggregator = self._restore_open_round()
+                self._refresh_snapshot()
+                return False
+            self._storage_recovered()
+            for h in group:
+                if h.accepted is not None:
+                    logger.info("round %d: accepted %s (%d samples), %d/%d", self.round,
+                                h.accepted.slot, h.accepted.num_samples, h.count,
+                                self.config.clients_per_round)
         self._refresh_snapshot()
         return True
+
+    def _flush(self) -> None:
+        """Commit the group, then acknowledge its messages in arrival order (the MQTT rule for
+        PUBACKs); updates that could not be stored stay unacknowledged, to be tried again."""
+        if not self._group:
+            return
+        group, self._group = self._group, []
+        stored = self._commit(group)
+        for handled in group:
+            if handled.accepted is not None and not stored:
+                self._deferred.append(handled.message)
+            else:
+                self.transport.ack(handled.message)
+        if not stored:
+            self._last_retry = self.now()
 
     def _restore_open_round(self) -> tuple[OpenRound, RoundAggregator]:
         """The open round's totals and aggregator as the store has them (a fresh round if
@@ -321,15 +374,13 @@ class Coordinator:
             if previous != status.problem:  # counted once per episode, not per retained copy
                 self._reject(message.topic, Rejected(status.problem, f"{device_id} reports "
                                                      f"problem {status.problem!r}"))
-                return
-        self._refresh_snapshot()
 
     def _reject(self, topic: str, exc: Rejected) -> None:
+        # Counted now, shown on the status page once its group is committed.
         self.rejections[exc.reason] += 1
         # Redelivered duplicates are expected with QoS 1: not worth a warning.
         log = logger.debug if exc.reason == "duplicate" else logger.warning
         log("rejected update on %s: %s", topic, exc)
-        self._refresh_snapshot()
 
     # -- status ----------------------------------------------------------------------------
     def snapshot(self) -> GatewaySnapshot:
@@ -352,6 +403,13 @@ class Coordinator:
         )
 
     # -- main loop -------------------------------------------------------------------------
+    def _round_complete(self) -> bool:
+        """Whether the round closes now: every update it waits for, or its deadline and quorum
+        (what _round_ready decides, without its logging and deadline extension)."""
+        reported = len(self.open.reported)
+        return reported >= self.config.clients_per_round or (
+            reported >= self.config.min_clients and self.now() >= self._deadline)
+
     def _round_ready(self) -> bool:
         reported = len(self.open.reported)
         if reported >= self.config.clients_per_round:
@@ -427,9 +485,17 @@ class Coordinator:
         self._publish_global()
         logger.info("round %d open", self.round)
         while not stop():
-            message = self.transport.receive(timeout=POLL_S)
+            # Group commit: decode, check and fold every message already received (waiting
+            # only while nothing is left to commit), then commit them in one transaction once
+            # the inbox runs dry, the group is full or the round must close, so a round never
+            # takes more updates than handling them one at a time would have given it. While
+            # the commit syncs, paho's network thread goes on reading the next messages.
+            message = self.transport.receive(timeout=0 if self._group else POLL_S)
             if message is not None:
-                self._take(message)
+                self._fold(message)
+                if len(self._group) < BATCH_MAX and not self._round_complete():
+                    continue
+            self._flush()
             if self._deferred and self.now() - self._last_retry > RETRY_STORAGE_S:
                 self._retry_deferred()
             if not self._round_ready():
@@ -459,21 +525,14 @@ class Coordinator:
                 break
         return records
 
-    def _take(self, message: Received) -> None:
-        """Handle one message and acknowledge it, unless it must wait for the state disk."""
-        if self.handle(message):
-            self.transport.ack(message)
-        else:
-            self._deferred.append(message)
-            self._last_retry = self.now()
-
     def _retry_deferred(self) -> None:
-        """Hand in again the updates that could not be stored; stop at the first failure."""
+        """Hand in again, as one group, the updates that could not be stored (the group is
+        empty here: the loop commits it first)."""
         self._last_retry = self.now()
-        while self._deferred:
-            if not self.handle(self._deferred[0]):
-                return
-            self.transport.ack(self._deferred.pop(0))
+        deferred, self._deferred = self._deferred, []
+        for message in deferred:
+            self._fold(message)
+        self._flush()
 
     def _publish_final(self, stop: Callable[[], bool]) -> None:
         # Devices wait for the final message to stop: keep trying through a broker outage.

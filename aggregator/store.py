@@ -1,15 +1,17 @@
 """Durable aggregator state in SQLite (WAL): globals, the open round's state, accepted ids.
 
-Each accepted update is committed in one transaction (its id, slot, what its round aggregator
-keeps of it, and the aggregator's new snapshot) before its MQTT delivery is acknowledged, so
-after a crash at any point the broker redelivers exactly the updates that are not yet counted,
-and the id table drops any it sees again.
+Accepted updates are committed in groups, one transaction each (every update's id, slot and what
+its round aggregator keeps of it, and the aggregator's snapshot after the last of them), before
+any of their MQTT deliveries is acknowledged. After a crash at any point the broker therefore
+redelivers exactly the updates that are not yet counted, and the id table drops any it sees
+again.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,22 +148,19 @@ class GlobalStore:
                           reported)
         return state, ({} if snapshot is None else load_tensors(snapshot)), kept
 
-    def accept(self, update: Accepted, state: OpenRound, snapshot: TensorDict,
-               kept: TensorDict | None) -> None:
-        """Atomically record one accepted update, the round's totals and its aggregator's
-        snapshot; `kept` is what the aggregator asked to keep for this update, if anything.
+    def accept_batch(self, updates: Sequence[tuple[Accepted, TensorDict | None]],
+                     state: OpenRound, snapshot: TensorDict) -> None:
+        """Atomically record accepted updates (each with what the aggregator asked to keep of
+        it, if anything), the round's totals after them and its aggregator's snapshot.
 
         Raises:
             StorageError: the database could not be written; nothing was changed.
         """
-        blob = None if kept is None else save_tensors(
-            {k: np.ascontiguousarray(v) for k, v in kept.items()})
-        snap = save_tensors({k: np.ascontiguousarray(v) for k, v in snapshot.items()}) \
-            if snapshot else None
+        rows = [(u.update_id, state.round, u.slot, u.num_samples, u.weight, u.staleness,
+                 None if kept is None else _blob(kept)) for u, kept in updates]
+        snap = _blob(snapshot) if snapshot else None
         with self._transaction():
-            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (update.update_id, state.round, update.slot, update.num_samples,
-                             update.weight, update.staleness, blob))
+            self.db.executemany("INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.db.execute(
                 "UPDATE open_round SET snapshot = ?, weight = ?, metric_sums = ?, bytes = ? "
                 "WHERE id = 0", (snap, state.weight, json.dumps(state.metric_sums), state.bytes))
@@ -191,6 +190,11 @@ class GlobalStore:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
+
+
+def _blob(tensors: TensorDict) -> bytes:
+    """Tensors as one safetensors blob (which wants C-contiguous arrays)."""
+    return save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
 
 class _Transaction:

@@ -44,5 +44,5 @@ def shared(tensors: TensorDict) -> TensorDict:
 def check_finite(tensors: TensorDict) -> None:
     """Raise ValueError naming the first tensor that holds NaN or Inf."""
     for name, array in tensors.items():
-        if not np.all(np.isfinite(array)):
+        if not np.isfinite(array).all():  # the method: np.all's Python wrapper costs more
             raise ValueError(f"tensor {name!r} holds NaN or Inf")

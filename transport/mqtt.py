@@ -23,11 +23,14 @@ logger = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 30.0  # a broker on a loaded 2-core gateway can take seconds to ack a large publish
 CONNECT_TIMEOUT_S = 15.0
-INBOX_SIZE = 10_000  # messages kept for the consumer; beyond this, drop and log (never block paho)
-# Bytes kept for the consumer. Mosquitto 2.0 keeps delivering to a manual-ack client well past 20
-# unacked messages, so a burst of updates would otherwise queue here without bound (10,000 MiniLM
-# updates are ~2.6 GiB). Beyond it, messages are dropped unacknowledged and logged.
-INBOX_MAX_BYTES = 256 * 1024 * 1024
+# The receive window: messages this process holds and is not done with (with manual acks, until
+# acknowledged; otherwise until `receive()` hands them out). While it is full the network thread
+# stops reading, so the broker keeps the rest: a burst costs the broker's memory, not ours.
+# Mosquitto 2.0 honours the Receive Maximum we announce only until our first PUBACK (each one
+# then releases a whole new window), so the broker cannot be trusted to bound it for us.
+WINDOW_BYTES = 16 * 1024 * 1024  # about 58 MiniLM or 540 CNN fp32 updates
+WINDOW_MESSAGES = 256  # also announced to the broker as the MQTT 5 Receive Maximum
+MAX_RECEIVE_MAXIMUM = 65_535  # the largest value MQTT 5 allows
 KEEPALIVE_S = 30
 # Waiting for a broker that is not there yet: the first pause, doubled after each try up to the
 # cap, so a gateway or device started before its broker connects soon after it comes up.
@@ -73,7 +76,13 @@ class MqttTransport:
     """One MQTT v5 connection. Callbacks only enqueue; consumers call `receive()` on their thread.
 
     Subscriptions are remembered and renewed in `on_connect`, so they survive reconnects (paho
-    reconnects by itself with backoff between `reconnect_delay_set` bounds).
+    reconnects by itself with backoff between `reconnect_delay_set` bounds). Received messages
+    are held in a window of `window_bytes` and `window_messages`; while it is full, nothing more
+    is read from the broker (see `_on_message`). With `manual_ack`, acknowledge every QoS 1
+    message exactly once: that is what frees its place.
+
+    Raises:
+        ValueError: a window bound that is not positive.
     """
 
     def __init__(
@@ -90,8 +99,14 @@ class MqttTransport:
         mqtt_version: int = 5,
         tls: TlsFiles | None = None,
         manual_ack: bool = False,
+        window_bytes: int = WINDOW_BYTES,
+        window_messages: int = WINDOW_MESSAGES,
     ) -> None:
+        if window_bytes < 1 or window_messages < 1:
+            raise ValueError(f"the receive window must be positive, got {window_bytes} bytes "
+                             f"and {window_messages} messages")
         self.host, self.port, self.client_id = host, port, client_id
+        self.window_bytes, self.window_messages = window_bytes, window_messages
         self._persistent = persistent_session
         self._session_expiry_s = session_expiry_s
         self._v5 = mqtt_version == 5
@@ -127,11 +142,14 @@ class MqttTransport:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._closing = threading.Event()  # set by stop(): ends a wait for the broker in start()
-        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=INBOX_SIZE)
+        # Bounded by the window: _on_message waits for room before it puts anything here.
+        self.inbox: queue.Queue[Message] = queue.Queue()
         self.bytes_sent = 0
-        self.dropped = 0
-        self._inbox_bytes = 0
-        self._inbox_lock = threading.Lock()
+        self._window = threading.Condition()  # guards the four counters below
+        self._held_messages = 0
+        self._held_bytes = 0
+        self._publishing = 0  # our QoS 1 publishes waiting for the broker's PUBACK
+        self.pauses = 0  # how often the window filled and reading stopped
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, connect_timeout: float | None = None) -> None:
@@ -183,6 +201,9 @@ class MqttTransport:
         """One connection attempt (TCP, TLS handshake, CONNECT sent); raises OSError."""
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
+            # Caps what the broker sends unacknowledged (until its first PUBACK, see above):
+            # that bounds what arrives while reading goes on during our own publishes.
+            props.ReceiveMaximum = min(self.window_messages, MAX_RECEIVE_MAXIMUM)
             if self._persistent:
                 props.SessionExpiryInterval = self._session_expiry_s
             self._client.connect(
@@ -195,6 +216,8 @@ class MqttTransport:
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread (or a wait in start)."""
         self._closing.set()
+        with self._window:  # a network thread waiting for room must not hold up loop_stop
+            self._window.notify_all()
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -202,6 +225,12 @@ class MqttTransport:
     def connected(self) -> bool:
         """Whether the connection is up right now."""
         return self._connected.is_set()
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """(messages, bytes) in the receive window right now."""
+        with self._window:
+            return self._held_messages, self._held_bytes
 
     # -- messaging -------------------------------------------------------------------------
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -219,7 +248,19 @@ class MqttTransport:
             self._client.unsubscribe(topic_filter)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish and, for QoS >= 1, wait for the broker's ack."""
+        """Publish and, for QoS >= 1, wait for the broker's ack (reading goes on meanwhile,
+        even with a full window: the ack comes behind whatever the broker sent us before it)."""
+        if qos == 0:
+            self._publish(topic, payload, qos, retain)
+            return
+        self._set_publishing(+1)
+        try:
+            self._publish(topic, payload, qos, retain)
+        finally:
+            self._set_publishing(-1)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """Hand the message to paho and, for QoS >= 1, wait for the broker's ack."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
@@ -234,6 +275,12 @@ class MqttTransport:
             if not published:
                 raise TransportError(f"no ack for publish to {topic} within {ACK_TIMEOUT_S}s")
         self.bytes_sent += len(payload)
+
+    def _set_publishing(self, change: int) -> None:
+        """Count a publish that starts (+1) or stops (-1) waiting for its PUBACK."""
+        with self._window:
+            self._publishing += change
+            self._window.notify_all()  # a paused network thread must read on to get our PUBACK
 
     def drop_connection(self) -> None:
         """Cut the TCP connection without an MQTT DISCONNECT, as a lost radio link does.
@@ -252,9 +299,11 @@ class MqttTransport:
 
         With manual acks, the broker redelivers any message whose ack never came, for example
         because this process died while handling it; callers ack after their durable write.
+        Acknowledging frees the message's place in the receive window.
         """
-        if self._manual_ack and message.qos > 0:
+        if self._held_until_ack(message):
             self._client.ack(message.mid, message.qos)
+            self._release(message)
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """Next received message, or None after `timeout` seconds."""
@@ -262,11 +311,22 @@ class MqttTransport:
             message = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
-        with self._inbox_lock:
-            self._inbox_bytes -= len(message.payload)
+        if not self._held_until_ack(message):
+            self._release(message)
         return message
 
-    # -- paho callbacks (network thread: never block here) --------------------------------
+    def _held_until_ack(self, message: Message) -> bool:
+        """Whether `message` stays in the window until acknowledged (not only until received)."""
+        return self._manual_ack and message.qos > 0
+
+    def _release(self, message: Message) -> None:
+        """Free the window's place of `message` and wake a network thread waiting for room."""
+        with self._window:
+            self._held_messages -= 1
+            self._held_bytes -= len(message.payload)
+            self._window.notify_all()
+
+    # -- paho callbacks (network thread: only _on_message waits, and only for the window) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             logger.warning("%s: broker refused connection: %s", self.client_id, reason_code)
@@ -284,19 +344,25 @@ class MqttTransport:
             logger.warning("%s lost the broker (%s); paho reconnects", self.client_id, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
-        size = len(msg.payload)
-        with self._inbox_lock:
-            fits = self._inbox_bytes + size <= INBOX_MAX_BYTES
-            if fits:
-                self._inbox_bytes += size
-        try:
-            if not fits:
-                raise queue.Full
-            self.inbox.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain),
-                                          msg.mid, msg.qos))
-        except queue.Full:
-            if fits:  # the count bound, not the byte bound, refused it
-                with self._inbox_lock:
-                    self._inbox_bytes -= size
-            self.dropped += 1
-            logger.error("%s inbox full: dropped a message on %s", self.client_id, msg.topic)
+        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos)
+        size = len(message.payload)
+        with self._window:
+            # Backpressure: waiting here stops paho's network thread, so nothing more is read
+            # from the socket and the broker holds the rest (in TCP buffers and its queue).
+            if not self._may_take(size):
+                self.pauses += 1
+                while not self._may_take(size):
+                    self._window.wait()
+            self._held_messages += 1
+            self._held_bytes += size
+        self.inbox.put(message)
+
+    def _may_take(self, size: int) -> bool:
+        """Whether the network thread may take one more message of `size` bytes (the caller
+        holds the window's lock)."""
+        fits = self._held_messages == 0 or (  # an empty window takes one, however large
+            self._held_messages < self.window_messages
+            and self._held_bytes + size <= self.window_bytes)
+        # Our own publish waiting for its PUBACK lifts the pause: that PUBACK is behind these
+        # messages in the stream, so holding them back would deadlock the publisher.
+        return fits or self._publishing > 0 or self._closing.is_set()
