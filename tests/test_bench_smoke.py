@@ -142,7 +142,8 @@ def test_ingest_small_fleet(cnn_artifacts: Path) -> None:
     rate = result["rate"]
     assert set(rate) == {"updates", "repeats", "payload_bytes", "baseline", "raw_msgs_per_s",
                          "aggregator_updates_per_s", "ratio_vs_raw", "raw_runs",
-                         "aggregator_runs"}
+                         "aggregator_runs", "raw_cpu_us_per_msg", "aggregator_cpu_us_per_update"}
+    assert positive(rate["raw_cpu_us_per_msg"]) and positive(rate["aggregator_cpu_us_per_update"])
     assert rate["baseline"] == "raw-subscriber" and (rate["updates"], rate["repeats"]) == (20, 1)
     assert len(rate["raw_runs"]) == len(rate["aggregator_runs"]) == 1
     # one repeat: the medians are the runs, and the ratio is their quotient (rates rounded to 0.1)
@@ -198,3 +199,89 @@ def test_step_time_cnn(cnn_artifacts: Path) -> None:
         assert row["min_ms"] <= row["median_ms"] <= row["max_ms"], name
     # eager's per-step ratio to itself is t / t = 1 at every step
     assert figures["backends"]["eager"]["ratio_vs_eager"] == 1.0
+
+
+def check_time_to_accuracy(result: dict[str, Any], workload: str, devices: int, rounds: int,
+                           local_steps: int, eval_size: int, targets: list[str]) -> None:
+    """What a time_to_accuracy result must hold whatever the machine and the accuracies."""
+    from bench.time_to_accuracy import DEFAULTS
+    from workloads.registry import get_workload_data
+
+    data = get_workload_data(workload)
+    assert set(result) == {"benchmark", "workload", "machine", "threads", "config", "baseline",
+                           "federation", "centralized", "time_ratio_vs_centralized",
+                           "final_accuracy_gap_points"}
+    assert result["workload"] == workload and result["baseline"] == "centralized"
+    config = result["config"]
+    assert (config["devices"], config["rounds"], config["local_steps"]) == (devices, rounds,
+                                                                            local_steps)
+    assert config["eval_size"] == eval_size and config["repeats"] == 1
+    # both sides train with the workload's batch size and the benchmark's default learning rate
+    assert config["batch_size"] == data.batch_size
+    assert config["learning_rate"] == (DEFAULTS[workload].learning_rate
+                                       or data.demo.learning_rate)
+    assert config["total_sgd_steps"] == devices * local_steps * rounds
+    assert config["artifacts"].startswith(f"{workload}-b{data.batch_size}-")
+    for side in ("federation", "centralized"):
+        figures = result[side]
+        assert set(figures) == {"wall_s_median", "final_accuracy", "final_accuracy_median",
+                                "to_target", "curves"}, side
+        assert positive(figures["wall_s_median"]), side
+        (curve,) = figures["curves"]
+        assert [p["round"] for p in curve] == list(range(rounds + 1)), side
+        assert all(0 <= p["accuracy"] <= 1 for p in curve), side
+        # both start from adapter_init, scored by the same evaluator on the same test examples
+        assert curve[0]["accuracy"] == result["federation"]["curves"][0][0]["accuracy"], side
+        assert figures["final_accuracy"] == [figures["final_accuracy_median"]]
+        assert figures["final_accuracy"][0] == round(curve[-1]["accuracy"], 4), side
+        assert set(figures["to_target"]) == set(targets), side
+    steps = [p["steps"] for p in result["centralized"]["curves"][0]]
+    assert steps == [i * devices * local_steps for i in range(rounds + 1)]
+    assert all(p["devices"] == devices for p in result["federation"]["curves"][0][1:])
+
+    gap = result["final_accuracy_gap_points"]
+    assert set(gap) == {"median", "runs", "within_points", "within"}
+    expected = 100 * (result["centralized"]["final_accuracy"][0]
+                      - result["federation"]["final_accuracy"][0])
+    assert gap["runs"] == [gap["median"]] and abs(gap["median"] - expected) <= 0.011
+    assert gap["within_points"] == 2.0 and gap["within"] == (gap["median"] <= 2.0)
+    for target, ratio in result["time_ratio_vs_centralized"].items():
+        fed = result["federation"]["to_target"][target]["seconds_median"]
+        cen = result["centralized"]["to_target"][target]["seconds_median"]
+        assert ratio == (round(fed / cen, 2) if fed and cen else None), target
+
+
+def test_time_to_accuracy_defaults_per_workload() -> None:
+    from bench.time_to_accuracy import DEFAULTS, parse_args
+
+    cnn = parse_args([])  # the default workload keeps section 5's configuration
+    assert cnn.workload == "fmnist-cnn"
+    assert (cnn.devices, cnn.rounds, cnn.local_steps, cnn.alpha, cnn.eval_size) == (6, 6, 20,
+                                                                                    0.5, 2000)
+    assert cnn.targets == [0.75, 0.80] and cnn.learning_rate is None
+    minilm = parse_args(["--workload", "minilm-fortunes"])
+    row = DEFAULTS["minilm-fortunes"]
+    assert (minilm.devices, minilm.alpha, minilm.learning_rate) == (6, 0.5, row.learning_rate)
+    assert (minilm.rounds, minilm.local_steps, minilm.eval_size) == (row.rounds, row.local_steps,
+                                                                     row.eval_size)
+    assert minilm.targets == list(row.targets)
+    flags = parse_args(["--workload", "minilm-fortunes", "--rounds", "3", "--local-steps", "2",
+                        "--eval-size", "32", "--targets", "0.5", "--devices", "4",
+                        "--learning-rate", "0.05"])
+    assert (flags.rounds, flags.local_steps, flags.eval_size, flags.devices) == (3, 2, 32, 4)
+    assert flags.targets == [0.5] and flags.learning_rate == 0.05
+
+
+def test_time_to_accuracy_cnn(cnn_artifacts: Path) -> None:
+    result = run_bench("time_to_accuracy", "--devices", "2", "--rounds", "2", "--local-steps",
+                       "3", "--eval-size", "64", "--repeats", "1", "--targets", "0.2,0.99")
+    check_time_to_accuracy(result, "fmnist-cnn", 2, 2, 3, 64, ["0.20", "0.99"])
+    assert result["config"]["artifacts"] == cnn_artifacts.name
+
+
+def test_time_to_accuracy_minilm_tiny() -> None:
+    """--workload minilm-fortunes end to end: its own artifacts, data, batch and lr, 2 devices."""
+    result = run_bench("time_to_accuracy", "--workload", "minilm-fortunes", "--devices", "2",
+                       "--rounds", "1", "--local-steps", "1", "--eval-size", "16", "--repeats",
+                       "1", "--targets", "0.5", timeout=600)
+    check_time_to_accuracy(result, "minilm-fortunes", 2, 1, 1, 16, ["0.50"])
