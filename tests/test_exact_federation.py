@@ -98,13 +98,13 @@ def test_exact_federation_equals_the_mean_of_client_models(
     final_adapter, final_residual = _stored(store, 2).adapter, _stored(store, 2).residual
     assert set(dense_residual(final_residual)) == set(LAYERS)
     assert dense_residual(final_residual)["fc1"].shape == (128, 1568)
-    # Each device added the small per-round steps itself and holds exactly the server's R_1
-    # (the last round it trained); none needed the cumulative catch-up.
+    # Each device added the small per-round steps itself, the final global's too, and holds
+    # exactly the server's final R_2; none needed the cumulative catch-up.
     for agent in agents:
-        assert agent.residual_round == 1
+        assert agent.residual_round == 2
         for layer in LAYERS:
             np.testing.assert_allclose(agent.residual[layer],
-                                       _residual(_stored(store, 1).residual, layer, (1, 1)),
+                                       _residual(final_residual, layer, (1, 1)),
                                        atol=1e-6, err_msg=f"{agent.device_id} {layer}")
 
     # Devices: every backend applies the same residual and they agree on the logits
@@ -263,10 +263,11 @@ def test_a_device_that_joins_late_catches_up_from_the_residual_topic(
         thread.join(30)
     agg.stop()
 
-    # Assert: the late device fetched R_2 (it was at R_0) and its update counted in round 2
+    # Assert: the late device fetched R_2 (it was at R_0), its update counted in round 2, and
+    # it added the final global's step on top: it ends holding the final R_3
     assert not runner.is_alive()
     assert store.accepted_count(2) == 3
-    assert late.residual_round == 2 and not late._subscribed_residual
-    r2 = _stored(store, 2).residual
+    assert late.residual_round == 3 and not late._subscribed_residual
+    r3 = _stored(store, 3).residual
     for layer in LAYERS:
-        np.testing.assert_allclose(late.residual[layer], _residual(r2, layer, (1, 1)), atol=1e-6)
+        np.testing.assert_allclose(late.residual[layer], _residual(r3, layer, (1, 1)), atol=1e-6)
