@@ -14,6 +14,9 @@ import numpy as np
 from bench._common import WORKLOADS, artifact_info, emit, limit_threads, machine, median, quiet
 
 GAP_POINTS = 2.0  # the issue's bar: federated ends within 2 accuracy points of centralized
+# MiniLM's accuracy moves by several points from one round to the next (SGD noise at batch 16,
+# 400 test quotes), so the gap is also given for the mean of the last TAIL_ROUNDS scores.
+TAIL_ROUNDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         f_s, c_s = fed["to_target"][t]["seconds_median"], cen["to_target"][t]["seconds_median"]
         ratios[t] = round(f_s / c_s, 2) if f_s and c_s else None
     # pair i is (centralized run i, federation run i), run back to back
-    gaps = [round(100 * (c["curve"][-1]["accuracy"] - f["curve"][-1]["accuracy"]), 2)
-            for c, f in zip(cens, feds, strict=True)]
-    gap = round(median(gaps), 2)
+    gap = accuracy_gap(cens, feds, final_accuracy)
+    tail_gap = accuracy_gap(cens, feds, tail_accuracy)
     result = {
         "benchmark": "time_to_accuracy", "workload": args.workload, "machine": machine(),
         "threads": args.threads or "library defaults",
@@ -186,15 +188,33 @@ def main(argv: list[str] | None = None) -> None:
                    **artifact_info(artifacts)},
         "baseline": "centralized",
         "federation": fed, "centralized": cen, "time_ratio_vs_centralized": ratios,
-        "final_accuracy_gap_points": {"median": gap, "runs": gaps,
-                                      "within_points": GAP_POINTS,
-                                      "within": gap <= GAP_POINTS},
+        "final_accuracy_gap_points": gap,
+        "tail_accuracy_gap_points": {"rounds": min(TAIL_ROUNDS, args.rounds), **tail_gap},
     }
     emit(result, f"{args.workload} time to accuracy: " + "; ".join(
         f">= {t}: federation {fed['to_target'][t]['seconds_median']} s "
         f"(round {fed['to_target'][t]['round_median']}), "
         f"centralized {cen['to_target'][t]['seconds_median']} s" for t in fed["to_target"])
-        + f"; final accuracy gap (centralized - federation) {gap} points")
+        + f"; final accuracy gap (centralized - federation) {gap['median']} points "
+        f"(last {min(TAIL_ROUNDS, args.rounds)} rounds' mean: {tail_gap['median']})")
+
+
+def final_accuracy(run: dict[str, Any]) -> float:
+    """Accuracy at the last round."""
+    return run["curve"][-1]["accuracy"]
+
+
+def tail_accuracy(run: dict[str, Any]) -> float:
+    """Mean accuracy over the last TAIL_ROUNDS rounds (all rounds if fewer), round 0 excluded."""
+    return float(np.mean([p["accuracy"] for p in run["curve"][1:][-TAIL_ROUNDS:]]))
+
+
+def accuracy_gap(cens: list[dict[str, Any]], feds: list[dict[str, Any]], measure: Any
+                 ) -> dict[str, Any]:
+    """Centralized minus federation, in accuracy points, per (baseline, federation) pair."""
+    runs = [round(100 * (measure(c) - measure(f)), 2) for c, f in zip(cens, feds, strict=True)]
+    gap = round(median(runs), 2)
+    return {"median": gap, "runs": runs, "within_points": GAP_POINTS, "within": gap <= GAP_POINTS}
 
 
 def summarize(runs: list[dict[str, Any]], targets: list[float]) -> dict[str, Any]:
@@ -209,8 +229,9 @@ def summarize(runs: list[dict[str, Any]], targets: list[float]) -> dict[str, Any
         }
     return {
         "wall_s_median": round(median([r["wall_s"] for r in runs]), 2),
-        "final_accuracy": [round(r["curve"][-1]["accuracy"], 4) for r in runs],
-        "final_accuracy_median": round(median([r["curve"][-1]["accuracy"] for r in runs]), 4),
+        "final_accuracy": [round(final_accuracy(r), 4) for r in runs],
+        "final_accuracy_median": round(median([final_accuracy(r) for r in runs]), 4),
+        "tail_accuracy": [round(tail_accuracy(r), 4) for r in runs],
         "to_target": to_target,
         "curves": [[{k: round(v, 4) for k, v in p.items()} for p in r["curve"]] for r in runs],
     }

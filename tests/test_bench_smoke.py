@@ -210,7 +210,7 @@ def check_time_to_accuracy(result: dict[str, Any], workload: str, devices: int, 
     data = get_workload_data(workload)
     assert set(result) == {"benchmark", "workload", "machine", "threads", "config", "baseline",
                            "federation", "centralized", "time_ratio_vs_centralized",
-                           "final_accuracy_gap_points"}
+                           "final_accuracy_gap_points", "tail_accuracy_gap_points"}
     assert result["workload"] == workload and result["baseline"] == "centralized"
     config = result["config"]
     assert (config["devices"], config["rounds"], config["local_steps"]) == (devices, rounds,
@@ -225,7 +225,7 @@ def check_time_to_accuracy(result: dict[str, Any], workload: str, devices: int, 
     for side in ("federation", "centralized"):
         figures = result[side]
         assert set(figures) == {"wall_s_median", "final_accuracy", "final_accuracy_median",
-                                "to_target", "curves"}, side
+                                "tail_accuracy", "to_target", "curves"}, side
         assert positive(figures["wall_s_median"]), side
         (curve,) = figures["curves"]
         assert [p["round"] for p in curve] == list(range(rounds + 1)), side
@@ -234,17 +234,22 @@ def check_time_to_accuracy(result: dict[str, Any], workload: str, devices: int, 
         assert curve[0]["accuracy"] == result["federation"]["curves"][0][0]["accuracy"], side
         assert figures["final_accuracy"] == [figures["final_accuracy_median"]]
         assert figures["final_accuracy"][0] == round(curve[-1]["accuracy"], 4), side
+        tail = np.mean([p["accuracy"] for p in curve[1:][-5:]])  # TAIL_ROUNDS = 5
+        assert abs(figures["tail_accuracy"][0] - tail) <= 1e-4, side
         assert set(figures["to_target"]) == set(targets), side
     steps = [p["steps"] for p in result["centralized"]["curves"][0]]
     assert steps == [i * devices * local_steps for i in range(rounds + 1)]
     assert all(p["devices"] == devices for p in result["federation"]["curves"][0][1:])
 
-    gap = result["final_accuracy_gap_points"]
-    assert set(gap) == {"median", "runs", "within_points", "within"}
-    expected = 100 * (result["centralized"]["final_accuracy"][0]
-                      - result["federation"]["final_accuracy"][0])
-    assert gap["runs"] == [gap["median"]] and abs(gap["median"] - expected) <= 0.011
-    assert gap["within_points"] == 2.0 and gap["within"] == (gap["median"] <= 2.0)
+    # centralized minus federation, in points; one pair, so the median is that pair's gap
+    tail_gap = result["tail_accuracy_gap_points"]
+    assert tail_gap.pop("rounds") == min(5, rounds)
+    gaps = {"final_accuracy": result["final_accuracy_gap_points"], "tail_accuracy": tail_gap}
+    for key, gap in gaps.items():
+        assert set(gap) == {"median", "runs", "within_points", "within"}, key
+        expected = 100 * (result["centralized"][key][0] - result["federation"][key][0])
+        assert gap["runs"] == [gap["median"]] and abs(gap["median"] - expected) <= 0.011, key
+        assert gap["within_points"] == 2.0 and gap["within"] == (gap["median"] <= 2.0), key
     for target, ratio in result["time_ratio_vs_centralized"].items():
         fed = result["federation"]["to_target"][target]["seconds_median"]
         cen = result["centralized"]["to_target"][target]["seconds_median"]
