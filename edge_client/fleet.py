@@ -43,6 +43,7 @@ class FleetConfig:
     dropout: float = 0.0  # chance a device sits a round out
     connection_loss: float = 0.0  # chance a device loses its link before sending an update
     multitask: bool = False  # FL-TAC: each device holds one local task per task of the workload
+    native: int = 0  # the fleet's last `native` devices run edge_client/native's C++ device
 
     def __post_init__(self) -> None:
         if self.devices <= 0:
@@ -51,6 +52,13 @@ class FleetConfig:
             raise ValueError("dropout and connection_loss are probabilities in [0, 1)")
         if not 1.0 <= self.slowdown[0] <= self.slowdown[1]:
             raise ValueError("slowdown must be a range (lo, hi) with 1 <= lo <= hi")
+        if not 0 <= self.native <= self.devices:
+            raise ValueError(f"native must be in 0..devices ({self.devices}), got {self.native}")
+
+    @property
+    def python_devices(self) -> int:
+        """Devices run by Python agents: indices 0 .. python_devices - 1."""
+        return self.devices - self.native
 
 
 class EmulatedDevice(DeviceAgent):
@@ -125,19 +133,16 @@ def build_fleet(config: FleetConfig, host: str, port: int, federation: str, arti
         b: (make_trainer(b, artifacts), threading.Lock()) for b in config.backends
     }
     devices = []
-    for i in indices if indices is not None else range(config.devices):
+    for i in indices if indices is not None else range(config.python_devices):
         device_id = fleet_device_id(i)
         trainer, lock = trainers[config.backends[i % len(config.backends)]]
         transport = MqttTransport(host, port, f"{federation}-{device_id}",
                                   will=DeviceAgent.will(federation, device_id),
                                   mqtt_version=mqtt_version)
         seed = device_seed(device_id) ^ config.seed
-        if config.multitask:
-            data = {"inputs": None, "labels": None,
-                    "tasks": list(device_tasks(config, workload, i).values())}
-        else:
-            share = workload.device_data(i, config.devices, config.alpha, config.seed)
-            data = {"inputs": share.x, "labels": share.y}
+        tasks = device_data(config, workload, i)
+        data = ({"inputs": None, "labels": None, "tasks": tasks} if config.multitask
+                else {"inputs": tasks[0].inputs, "labels": tasks[0].labels})
         devices.append(EmulatedDevice(
             device_id, federation, trainer, transport=transport, state_dir=state_dir, seed=seed,
             lock=lock, slowdown=float(slowdowns[i]), dropout=config.dropout,
@@ -193,8 +198,8 @@ class FleetProcesses:
         self.stop = context.Event()
         self.results = context.Queue()
         self.processes = []
-        for start in range(0, config.devices, DEVICES_PER_PROCESS):
-            indices = range(start, min(start + DEVICES_PER_PROCESS, config.devices))
+        for start in range(0, config.python_devices, DEVICES_PER_PROCESS):
+            indices = range(start, min(start + DEVICES_PER_PROCESS, config.python_devices))
             args = (config, host, port, federation, artifacts, state_dir, mqtt_version, indices)
             process = context.Process(target=_worker, args=(args, self.stop, self.results),
                                       name=f"fleet-{start}", daemon=True)
@@ -216,3 +221,68 @@ class FleetProcesses:
             if process.is_alive():
                 process.terminate()
         return skipped, lost
+
+
+def device_data(config: FleetConfig, workload: WorkloadData, index: int) -> list[LocalTask]:
+    """Device `index`'s local task(s), exactly as build_fleet gives its Python agent."""
+    if config.multitask:
+        return list(device_tasks(config, workload, index).values())
+    share = workload.device_data(index, config.devices, config.alpha, config.seed)
+    return [LocalTask("", share.x, share.y)]
+
+
+class NativeFleet:
+    """The fleet's native devices: one `edgefl-device` process each (edge_client/native).
+
+    Each gets the same data a Python agent of its index would train on, as a partition file;
+    its log goes to `<state_dir>/<id>.log`. Slowdown, dropout and link loss are Python-only.
+    """
+
+    def __init__(self, config: FleetConfig, host: str, port: int, federation: str,
+                 artifacts: Path, state_dir: Path) -> None:
+        import subprocess
+
+        from edge_client.native import EXECUTABLE, build_native, write_partition
+
+        build_native()
+        workload = get_workload_data(load_manifest(artifacts).workload)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.processes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        for i in range(config.python_devices, config.devices):
+            device_id = fleet_device_id(i)
+            partition = write_partition(state_dir / f"{device_id}.data.safetensors",
+                                        device_data(config, workload, i))
+            log = state_dir / f"{device_id}.log"
+            with log.open("wb") as out:
+                self.processes.append(subprocess.Popen(
+                    [str(EXECUTABLE), "--id", device_id, "--federation", federation,
+                     "--artifacts", str(artifacts), "--data", str(partition), "--host", host,
+                     "--port", str(port), "--state-dir", str(state_dir),
+                     "--seed", str(device_seed(device_id) ^ config.seed)],
+                    stdout=out, stderr=subprocess.STDOUT))
+            self.logs.append(log)
+
+    def finish(self, timeout_s: float = 30.0) -> int:
+        """Wait for the devices (they stop at the final global), then stop any left; failures."""
+        import signal
+        import subprocess
+
+        deadline = time.monotonic() + timeout_s
+        failed = 0
+        for process, log in zip(self.processes, self.logs, strict=True):
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGTERM)  # it says "offline" and exits
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if process.returncode not in (0, -signal.SIGTERM):
+                failed += 1
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+                logger.error("native device %s exited with %s: %s", log.stem,
+                             process.returncode, tail[0] if tail else "no output")
+        return failed

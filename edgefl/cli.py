@@ -309,7 +309,7 @@ def _federation_config(args: argparse.Namespace, out: str) -> object:
         devices=given(args.devices, size.devices), backends=tuple(args.backends.split(",")),
         alpha=args.alpha, seed=args.seed, slowdown=(float(lo), float(hi or lo)),
         dropout=args.dropout, connection_loss=args.connection_loss,
-        multitask=args.strategy == "fltac",
+        multitask=args.strategy == "fltac", native=args.native,
     )
     return _config(
         FederationConfig, fleet=fleet, rounds=given(args.rounds, size.rounds),
@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
         # `emulate` RunSize: a MiniLM step takes ~0.35 s here, a CNN step under 10 ms.
         p.add_argument("--devices", type=int, help="default: the workload's")
         p.add_argument("--backends", default=backends, help="comma-separated, used in turn")
+        p.add_argument("--native", type=int, default=0, metavar="N",
+                       help="run N of the devices as native C++ devices (edge_client/native; "
+                            "built on first use)")
         p.add_argument("--rounds", type=int, help="default: the workload's")
         p.add_argument("--local-steps", type=int, help="default: the workload's")
         p.add_argument("--lr", type=float, help="default: the workload's")

@@ -28,6 +28,7 @@ from edge_client.fleet import (
     DEVICES_PER_PROCESS,
     FleetConfig,
     FleetProcesses,
+    NativeFleet,
     build_fleet,
     fleet_task_kinds,
     start_fleet,
@@ -133,6 +134,7 @@ class FederationResult:
     residual_ratio: float | None = None
     # a task schedule: the final model's accuracy on each trained task's classes (forgetting)
     task_accuracy: list[float] = field(default_factory=list)
+    native_failures: int = 0  # native devices that exited with an error
 
     @property
     def improved(self) -> bool:
@@ -171,7 +173,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         federation = f"run-{uuid.uuid4().hex[:8]}"
         run_dir = config.out_dir / federation
         # 2. devices: one process for a small fleet, worker processes for a large one
-        in_process = fleet.devices <= DEVICES_PER_PROCESS
+        in_process = fleet.python_devices <= DEVICES_PER_PROCESS
         devices: list = []
         if in_process:
             with console.status(f"preparing {fleet.devices} emulated devices"):
@@ -180,7 +182,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         result = FederationResult(broker.kind, test.source)
         console.print(
             f"broker: [bold]{broker.kind}[/] on {broker.host}:{broker.port}; data: "
-            f"{test.source}; {fleet.devices} devices ({', '.join(fleet.backends)}), Dirichlet "
+            f"{test.source}; {fleet.devices} devices ({', '.join(fleet.backends)}"
+            f"{f', {fleet.native} native' if fleet.native else ''}), Dirichlet "
             f"alpha={fleet.alpha}, dropout {fleet.dropout}, link loss {fleet.connection_loss}")
         train = TrainConfig(config.local_steps, config.learning_rate, config.update_encoding,
                             config.update_topk)
@@ -220,6 +223,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                                   GlobalStore(run_dir / "aggregator"), on_round=on_round)
         stop = threading.Event()
         with progress:
+            native = (NativeFleet(fleet, broker.host, broker.port, federation, artifacts,
+                                  run_dir / "devices") if fleet.native else None)
             if in_process:
                 threads = start_fleet(devices, stop)
             else:
@@ -236,6 +241,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                     result.links_lost = sum(d.links_lost for d in devices)
                 else:
                     result.skipped_rounds, result.links_lost = workers.finish()
+                if native is not None:
+                    result.native_failures = native.finish()
                 agg_transport.stop()
 
     result.rejections = dict(coordinator.rejections)
@@ -257,6 +264,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "rounds": [asdict(r) for r in result.rows], "rejections": result.rejections,
         "skipped_rounds": result.skipped_rounds, "links_lost": result.links_lost,
+        "native_failures": result.native_failures,
         "device_accuracy": result.device_accuracy, "residual_ratio": result.residual_ratio,
         "task_accuracy": result.task_accuracy,
     }, indent=1))

@@ -4,7 +4,9 @@ set -o errexit -o pipefail -o nounset
 cd "$(dirname "$0")/.."
 
 # fortunes-de/es/it/pl: the language-identification task of the multi-task text federations.
-APT_PACKAGES=(mosquitto dataset-fashion-mnist fortunes fortunes-de fortunes-es fortunes-it fortunes-pl)
+# cmake, g++, pkg-config and the -dev packages: the native C++ device (scripts/build_native.sh).
+APT_PACKAGES=(mosquitto dataset-fashion-mnist fortunes fortunes-de fortunes-es fortunes-it fortunes-pl
+              cmake g++ pkg-config libmosquitto-dev libzstd-dev libssl-dev nlohmann-json3-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

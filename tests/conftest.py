@@ -81,3 +81,11 @@ def make_adapter(seed: int, shapes: dict[str, tuple[int, ...]]) -> TensorDict:
     """A reproducible random adapter with the given tensor shapes."""
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+@pytest.fixture(scope="session")
+def native_build() -> Path:
+    """edge_client/native built (incrementally) into .cache/native by scripts/build_native.sh."""
+    from edge_client.native import build_native
+
+    return build_native()

@@ -78,8 +78,18 @@ EDGEFL_API int edgefl_trainer_step(edgefl_trainer* trainer, const void* inputs,
 EDGEFL_API int edgefl_trainer_gradients(edgefl_trainer* trainer, const void* inputs,
                                         size_t inputs_size, const int64_t* labels, float* loss,
                                         edgefl_buffer* gradients);
+/* Logits outside `classes` get a -1e4 bias (continual learning); count 0 clears the mask. */
 EDGEFL_API int edgefl_trainer_set_class_mask(edgefl_trainer* trainer, const int64_t* classes,
                                              size_t count);
+/* Frozen weight of each listed layer := W0 + delta (safetensors, F32 (d_out, d_in) by layer):
+ * exact aggregation's residual. */
+EDGEFL_API int edgefl_trainer_set_base_delta(edgefl_trainer* trainer, const uint8_t* safetensors,
+                                             size_t size);
+/* `steps` SGD steps on a partition file's task (`task` NULL: its only task), batches drawn
+ * with a seeded mt19937_64; mean loss and training accuracy out (either may be NULL). */
+EDGEFL_API int edgefl_trainer_train_partition(edgefl_trainer* trainer, const char* partition_path,
+                                              const char* task, int64_t steps, uint64_t seed,
+                                              double* mean_loss, double* accuracy);
 
 /* ---- codec: the protocol's messages (test vectors, tools) ------------------------------ */
 /* Decodes a global, residual, update or status payload and describes it as JSON text
