@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--workload", default=",".join(WORKLOADS))
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks per trainer")
     parser.add_argument("--repeats", type=int, default=2, help="device processes per kind")
+    parser.add_argument("--batch-sizes", default="",
+                        help="comma-separated batch sizes to export and compare (default: each "
+                             "workload's own)")
     args = parser.parse_args()
     quiet()
     quiet_torch()
@@ -146,9 +149,10 @@ def main() -> None:
     from export.build import build_artifacts
 
     build_native()
-    for workload in args.workload.split(","):
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b] or [None]
+    for workload, batch_size in [(w, b) for w in args.workload.split(",") for b in sizes]:
         with native_stderr_silenced():
-            artifacts = build_artifacts(workload)
+            artifacts = build_artifacts(workload, batch_size=batch_size)
         times = step_times(artifacts, workload, args.blocks)
         peaks: dict[str, list[float]] = {"native": [], "python": []}
         with tempfile.TemporaryDirectory(prefix="bench-native-") as tmp:
@@ -157,11 +161,14 @@ def main() -> None:
                     peaks[kind].append(device_peak_rss(kind, artifacts, workload,
                                                        Path(tmp) / str(r)))
         native_mib, python_mib = median(peaks["native"]), median(peaks["python"])
-        result = {"bench": "native_device", "workload": workload, **times,
+        from protocol.manifest import load_manifest
+
+        batch = load_manifest(artifacts).batch_size
+        result = {"benchmark": "native_device", "workload": workload, "batch_size": batch, **times,
                   "native_peak_rss_mib": native_mib, "python_peak_rss_mib": python_mib,
                   "rss_ratio": native_mib / python_mib, "peaks_mib": peaks,
                   **artifact_info(artifacts), "machine": machine()}
-        emit(result, f"{workload}: native step {times['native_step_s'] * 1e3:.1f} ms vs "
+        emit(result, f"{workload} (batch {batch}): native step {times['native_step_s'] * 1e3:.1f} ms vs "
                      f"Python ExecuTorch {times['python_step_s'] * 1e3:.1f} ms "
                      f"({times['step_ratio']:.2f}x); peak RSS {native_mib:.0f} vs "
                      f"{python_mib:.0f} MiB ({native_mib / python_mib:.2f}x)")

@@ -19,8 +19,11 @@ LIBRARY = BUILD_DIR / "libedgefl_device.so"
 EXECUTABLE = BUILD_DIR / "edgefl-device"
 
 
-class NativeError(RuntimeError):
-    """A call into the native library failed; the message is the library's one-line reason."""
+class NativeError(OSError):
+    """The native library failed to build, or a call into it failed (its one-line reason).
+
+    An OSError, as a missing tool or file is: commands report it as one line.
+    """
 
 
 def build_native() -> Path:
@@ -28,7 +31,11 @@ def build_native() -> Path:
     done = subprocess.run(["bash", str(REPO / "scripts" / "build_native.sh")],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise NativeError(f"building the native device failed: {done.stderr.strip()[-2000:]}")
+        lines = done.stderr.strip().splitlines()
+        errors = [line for line in lines if "error" in line.lower()] or lines[-1:] or [""]
+        first = errors[0]
+        raise NativeError(f"building the native device failed: {first.strip()} (run bash "
+                          "scripts/build_native.sh for the whole log)")
     return BUILD_DIR
 
 

@@ -35,11 +35,11 @@ from edge_client.fleet import (
 )
 from edge_client.native_logs import native_stderr_silenced
 from edge_client.trainer import Trainer, evaluate_dataset, make_trainer
+from edgefl.device_scores import device_accuracy
+from edgefl.report import write_report
 from export.build import build_artifacts
 from protocol.manifest import load_manifest
 from protocol.messages import TrainConfig
-from edgefl.device_scores import device_accuracy
-from edgefl.report import write_report
 from protocol.residual import dense_residual
 from protocol.tensors import TensorDict
 from transport.broker import Broker

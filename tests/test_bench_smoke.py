@@ -290,3 +290,14 @@ def test_time_to_accuracy_minilm_tiny() -> None:
                        "--rounds", "1", "--local-steps", "1", "--eval-size", "16", "--repeats",
                        "1", "--targets", "0.5", timeout=600)
     check_time_to_accuracy(result, "minilm-fortunes", 2, 1, 1, 16, ["0.50"])
+
+
+def test_native_device_bench(cnn_artifacts: Path, native_build: Path) -> None:
+    result = run_bench("native_device", "--workload", "fmnist-cnn", "--blocks", "1",
+                       "--repeats", "1", timeout=300)
+    assert result["workload"] == "fmnist-cnn" and result["batch_size"] == 32
+    for kind in ("native", "python"):
+        assert result[f"{kind}_step_s"] > 0 and len(result["peaks_mib"][kind]) == 1
+    assert math.isclose(result["step_ratio"], result["native_step_s"] / result["python_step_s"])
+    assert math.isclose(result["rss_ratio"],
+                        result["native_peak_rss_mib"] / result["python_peak_rss_mib"])

@@ -30,3 +30,24 @@ def test_emulated_fleet_over_worker_processes_completes_rounds(tmp_path: Path,
     assert all(r["devices"] >= 0.9 * devices for r in rounds)
     assert report["skipped_rounds"] > 0 and report["links_lost"] > 0  # behaviours took effect
     assert rounds[-1]["accuracy"] > report["rounds"][0]["accuracy"]
+
+
+def test_emulate_runs_native_devices_in_the_fleet(tmp_path: Path, cnn_artifacts: Path,
+                                                  native_build: Path) -> None:
+    # 4 devices, the last 2 native C++ processes; every round must wait for all 4
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "emulate", "--devices", "4", "--native", "2",
+         "--rounds", "2", "--local-steps", "5", "--participation", "1.0", "--quorum", "1.0",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = tmp_path.glob("*/results.json")
+    report = json.loads(results.read_text())
+    assert [r["devices"] for r in report["rounds"][1:]] == [4, 4]
+    assert report["native_failures"] == 0 and not report["rejections"]
+    devices = results.parent / "devices"
+    for device_id in ("dev-00002", "dev-00003"):  # the native ones kept their state and log
+        assert json.loads((devices / f"{device_id}.json").read_text()) == {"last_round": 1}
+        assert "trained 2 rounds" in (devices / f"{device_id}.log").read_text()
+    assert not (devices / "dev-00000.log").exists()  # a Python device

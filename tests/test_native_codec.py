@@ -20,10 +20,10 @@ import safetensors.numpy
 import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from edge_client.native import BUILD_DIR, Buffer, NativeError, check, library, take
+from edge_client.native import Buffer, NativeError, check, library, take
 from protocol import codec, quant
 from protocol.messages import ResidualModel, Update, check_token, new_update_id
 from protocol.residual import dense_residual
@@ -108,8 +108,8 @@ def as_f32(values: Any) -> np.ndarray:
 def assert_same_tensors(got: dict[str, Any], want: dict[str, Any]) -> None:
     """Same names, shapes and float32 values (bit for bit, NaN included)."""
     assert sorted(got) == sorted(want)
-    for name in want:
-        a, b = as_f32(got[name]), as_f32(want[name])
+    for name, values in want.items():
+        a, b = as_f32(got[name]), as_f32(values)
         if isinstance(got[name], list) and b.size == 0:
             b = as_f32(b.tolist())  # nested lists end at the first zero-size dimension
         assert a.shape == b.shape, name
@@ -218,7 +218,18 @@ def adapters(draw: st.DrawFn) -> dict[str, np.ndarray]:
     return out
 
 
+# Scales of exactly 1 and 2 (max|x| = 127, 254): every x.5 below is a rounding tie, which goes
+# to the even level; fp16 ties, and top-k ties between equal magnitudes.
+TIES = {"t.weight": np.array([[127, 0.5, 1.5, 2.5], [-0.5, -1.5, 126.5, -127],
+                              [254, 3, 5, -7], [1, 1, -1, 1]], np.float32),
+        "t.bias": np.array([2049, 2051, 1 + 2**-11, 1 + 3 * 2**-11], np.float32)}
+
+
 @FUZZ
+@example(tensors=TIES, encoding="int8", topk=None)
+@example(tensors=TIES, encoding="int8-channel", topk=None)
+@example(tensors=TIES, encoding="int8-channel", topk=0.5)
+@example(tensors=TIES, encoding="fp16", topk=0.3)
 @given(tensors=adapters(), encoding=st.sampled_from(quant.ENCODINGS),
        topk=st.one_of(st.none(), st.sampled_from([1.0, 0.5, 0.25, 0.1, 1e-9]),
                       st.floats(1e-3, 1.0)))
@@ -251,55 +262,13 @@ def test_native_encoder_refuses_what_the_reference_refuses(lib: ctypes.CDLL) -> 
 
 
 # -- 3. status text, and the C++ functions the C API does not expose --------------------------
-PROBE = r"""
-// Calls the codec's C++ functions for tests/test_native_codec.py.
-#include <iostream>
-#include "codec.hpp"
-#include "safetensors.hpp"
-int main(int argc, char** argv) {
-  const std::string cmd = argv[1];
-  try {
-    if (cmd == "status") {
-      std::optional<std::string> problem;
-      if (argc > 4) problem = argv[4];
-      std::cout << edgefl::encode_status(argv[2][0] == '1', argv[3], problem);
-    } else if (cmd == "update-id") {
-      std::cout << edgefl::new_update_id(argv[2], std::stoll(argv[3]), argv[4]);
-    } else if (cmd == "reencode-global") {
-      const auto m = edgefl::decode_global(edgefl::read_file(argv[2]));
-      edgefl::write_file_atomic(argv[3], edgefl::encode_global(m));
-    } else if (cmd == "start-adapter") {
-      const auto m = edgefl::decode_global(edgefl::read_file(argv[2]));
-      edgefl::write_safetensors_file(argv[3], m.start_adapter(argv[4], argv[5]), {{"k", "v"}});
-    } else if (cmd == "dense-residual") {
-      const auto m = edgefl::decode_residual(edgefl::read_file(argv[2]));
-      edgefl::write_safetensors_file(argv[3], edgefl::dense_residual(m.residual));
-    } else if (cmd == "copy") {
-      std::map<std::string, std::string> metadata;
-      const auto tensors = edgefl::read_safetensors_file(argv[2], &metadata);
-      edgefl::write_safetensors_file(argv[3], tensors, metadata);
-    }
-  } catch (const std::exception& exc) {
-    std::cerr << exc.what() << "\n";
-    return 1;
-  }
-  return 0;
-}
-"""
 
 
 @pytest.fixture(scope="module")
-def probe(native_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small program linked with the library's own codec objects (their symbols are hidden
-    in the shared library)."""
-    objects = BUILD_DIR / "CMakeFiles" / "edgefl_device.dir" / "src"
-    folder = tmp_path_factory.mktemp("probe")
-    (folder / "probe.cpp").write_text(PROBE)
-    src = Path(__file__).resolve().parents[1] / "edge_client" / "native" / "src"
-    subprocess.run(["g++", "-std=c++17", "-O1", f"-I{src}", str(folder / "probe.cpp"),
-                    str(objects / "codec.cpp.o"), str(objects / "safetensors.cpp.o"), "-lzstd",
-                    "-o", str(folder / "probe")], check=True, capture_output=True)
-    return folder / "probe"
+def probe(native_build: Path) -> Path:
+    """edgefl-codec-probe: built with the library from the same codec objects (the library
+    hides these C++ symbols)."""
+    return native_build / "edgefl-codec-probe"
 
 
 def run_probe(probe: Path, *args: str) -> bytes:
@@ -766,8 +735,60 @@ NASTY = st.one_of(
 )
 
 
+SEGMENTS = ["f", "x" * 255, "x" * 256, "\u00e9" * 127, "\u00e9" * 128, "a b", "a\0b",
+            "\U0001F600", "a+b", "a#b", "phone-0"]
+INTS = [0, 1, 2**31 - 1, 2**31, -1, True, Raw("1.0"), Raw("-0"), Raw("1e0"), "1"]
+FRACTIONS = [None, 1, 1.0, 0.5, 0, -0.0, 1.0000000000000002, 5e-324, Raw("1e-400"),
+             Raw("1" + "0" * 308), Raw("1" + "0" * 309), True]
+# Per field, values next to its rules' boundaries, valid and not (Python decides which).
+FIELD_VALUES: dict[str, list[Any]] = {
+    "federation": SEGMENTS, "device_id": SEGMENTS,
+    "round": INTS, "num_samples": INTS, "local_steps": INTS, "task_index": INTS,
+    "manifest_sha256": ["a" * 64, "a" * 65, "a:b", "a b", "", "\u00e9"],
+    "update_id": ["a" * 64, "a" * 65, "a:b.c_d-e", "a b", "", "\u00e9"],
+    "metrics": [{}, {"a": 1e15}, {"a": -1e15}, {"a": 1e15 + 0.125}, {"a": 10**15},
+                {"a": 10**15 + 1}, {"a": -(10**15) - 1}, {"a": Raw("1E15")}, {"a": Raw("1e-400")},
+                {f"m{i}": i for i in range(16)}, {f"m{i}": i for i in range(17)},
+                {"a.b-c_d": 0}, {"x" * 64: 1}, {"x" * 65: 1}, {"a:b": 1}, {"": 1},
+                {"a": True}, {"a": None}, {"a": 2**70}],
+    "is_delta": [True, False, 0, "true"], "final": [True, False, 1, None],
+    "encoding": ["fp32", "fp16", "int8", "int8-channel", "FP32", ""],
+    "update_encoding": ["fp32", "fp16", "int8", "int8-channel", "FP32", ""],
+    "topk": FRACTIONS, "update_topk": FRACTIONS, "truncation_error": FRACTIONS,
+    "learning_rate": [1e-300, 1e308, 5e-324, Raw("1" + "0" * 308), Raw("1" + "0" * 309), 0,
+                      -1, Raw("1.7976931348623157e308"), Raw("1.8e308"), 2],
+    "task": ["t1", "x" * 32, "x" * 33, "", "a:b", "a/b", None],
+    "assignment": [{}, {"phone-0": 0}, {"phone-0/t0": 1}, {"phone-0/": 0}, {"/t": 0},
+                   {"p": 2}, {"p": -1}, {"p/a/b": 0}, {"p/" + "x" * 33: 0}, {"a+b": 0}, []],
+    "task_classes": [[0], [], [2**31 - 1], [2**31], [1.0], None, [0, 0], 0],
+    "residual": [True, False, None, 1],
+    "shapes": [{}, {"head.bias": [3]}, {"head.bias": []}, []],
+}
+
+
+@st.composite
+def field_value(draw: st.DrawFn, field: str) -> Any:
+    near = FIELD_VALUES.get(field)
+    if near and draw(st.integers(0, 3)):
+        return draw(st.sampled_from(near))
+    return draw(NASTY)
+
+
+def _residual_base() -> tuple[bytes, dict[str, Any]]:
+    # Not a committed vector: the residual topic's message, built by the reference.
+    tensors = {"fc1.U": np.arange(8, dtype=np.float32).reshape(4, 2) / 8,
+               "fc1.V": np.ones((2, 3), np.float32), "fc2.dense": np.eye(3, dtype=np.float32)}
+    message = ResidualModel("vectors", 4, "ab" * 32, tensors, 0.125)
+    payload = codec.encode_residual(message)
+    return payload, {"kind": "residual", "header": _split(payload)[1]}
+
+
+BASES["residual"] = _residual_base()
+FUZZ_FRAMES = [*FRAMES, "residual"]
+
+
 @FUZZ
-@given(name=st.sampled_from(FRAMES), data=st.data())
+@given(name=st.sampled_from(FUZZ_FRAMES), data=st.data())
 def test_header_mutations_get_the_reference_verdict(lib: ctypes.CDLL, name: str,
                                                     data: st.DataObject) -> None:
     payload, expected = BASES[name]
@@ -776,11 +797,33 @@ def test_header_mutations_get_the_reference_verdict(lib: ctypes.CDLL, name: str,
                                "task_classes", "residual", "extra"]
     for _ in range(data.draw(st.integers(1, 3))):
         field = data.draw(st.sampled_from(fields))
-        if data.draw(st.booleans()):
+        if data.draw(st.integers(0, 3)) == 0:
             header.pop(field, None)
         else:
-            header[field] = data.draw(NASTY)
+            header[field] = data.draw(field_value(field))
     assert_same_verdict(expected["kind"], repack(payload, header))
+
+
+STATUS_VALUES: dict[str, list[Any]] = {
+    "schema": [1, Raw("1.0"), True, "1", 2, Raw("1e0"), Raw("-0"), Raw("01"), 2**64],
+    "device_id": SEGMENTS, "online": [True, False, 0, None, "true"],
+    "problem": ["manifest", None, "Manifest", "", 1], "extra": [1, None],
+}
+
+
+@FUZZ
+@given(data=st.data(), spaces=st.sampled_from(["", " ", "\n\t", "\ufeff"]))
+def test_status_mutations_get_the_reference_verdict(lib: ctypes.CDLL, data: st.DataObject,
+                                                    spaces: str) -> None:
+    status: dict[str, Any] = {"schema": 1, "device_id": "phone-1", "online": True,
+                              "problem": "manifest"}
+    for _ in range(data.draw(st.integers(0, 3))):
+        field = data.draw(st.sampled_from(sorted(STATUS_VALUES)))
+        if data.draw(st.integers(0, 3)) == 0:
+            status.pop(field, None)
+        else:
+            status[field] = data.draw(st.one_of(st.sampled_from(STATUS_VALUES[field]), NASTY))
+    assert_same_verdict("status", (spaces + _dumps(status) + spaces).encode("utf-8", "replace"))
 
 
 @st.composite
@@ -804,7 +847,7 @@ def byte_mutations(draw: st.DrawFn, data: bytes) -> bytes:
 
 
 @FUZZ
-@given(name=st.sampled_from(NAMES), data=st.data())
+@given(name=st.sampled_from([*NAMES, "residual"]), data=st.data())
 def test_body_mutations_get_the_reference_verdict(lib: ctypes.CDLL, name: str,
                                                   data: st.DataObject) -> None:
     payload, expected = BASES[name]
@@ -859,6 +902,11 @@ def test_native_signing_refuses_bad_keys_and_ids(lib: ctypes.CDLL, tmp_path: Pat
     (tmp_path / "ec.key").write_bytes(other)
     with pytest.raises(NativeError, match="Ed25519"):
         native_sign(tmp_path / "ec.key", "phone-1", b"payload")
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(b"secret"))
+    (tmp_path / "encrypted.key").write_bytes(encrypted)
+    with pytest.raises(NativeError, match="signing key"):  # refused, never a passphrase prompt
+        native_sign(tmp_path / "encrypted.key", "phone-1", b"payload")
     (tmp_path / "junk.key").write_text("not a key")
     with pytest.raises(NativeError):
         native_sign(tmp_path / "junk.key", "phone-1", b"payload")

@@ -26,6 +26,7 @@ from protocol.messages import GlobalModel, TrainConfig
 from tests.conftest import run_rounds
 from tests.test_broker_crash import _aggregator, _receive, _run
 from tests.test_gateway_security import gateway, gateway_dir  # noqa: F401 - fixtures
+from transport import Received
 from transport.broker import Broker
 from transport.mqtt import MqttTransport
 
@@ -203,7 +204,7 @@ def test_native_device_survives_hostile_globals_and_reports_other_models(
     agg.stop()
 
 
-def _next(transport: MqttTransport, kind: str, timeout_s: float):  # noqa: ANN202
+def _next(transport: MqttTransport, kind: str, timeout_s: float) -> Received:
     """The next message whose topic contains `kind` (others are skipped)."""
     while True:
         message = transport.receive(timeout_s)
@@ -258,3 +259,45 @@ def test_native_device_resends_its_update_after_a_broker_crash(
     assert all(coordinator.store.is_accepted(u.update_id) for u in sent)
     assert [d.returncode for d in devices] == [0, 0], outputs
     assert all("trained 1 rounds" in out for out in outputs), outputs
+
+
+def test_native_device_keeps_its_update_across_a_restart(
+    native_build: Path, mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path,
+) -> None:
+    # Prepare: a fake aggregator opens round 0; the device trains, sends, and is SIGKILLed
+    federation = "restart"
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+    agg = MqttTransport(mosquitto.host, mosquitto.port, "fake-aggregator")
+    agg.start()
+    agg.subscribe(topics.update_filter(federation))
+    train = TrainConfig(local_steps=2)
+    round0 = encode_global(GlobalModel(federation, 0, manifest.sha256, initial, train))
+    agg.publish(topics.global_topic(federation), round0, retain=True)
+    partition, state = _partition(tmp_path, 0, 2), tmp_path / "state"
+    device = native_device("native-0", federation, cnn_artifacts, partition, mosquitto.port,
+                           state)
+    first = _next(agg, "/update/", 60).payload
+    device.kill()
+    device.wait()
+    assert (state / "native-0.pending").exists()
+
+    # Execute: it comes back; round 0's global arrives again (republished), then round 1's
+    device = native_device("native-0", federation, cnn_artifacts, partition, mosquitto.port,
+                           state)
+    again = _next(agg, "/update/", 60).payload
+    agg.publish(topics.global_topic(federation),
+                encode_global(GlobalModel(federation, 1, manifest.sha256, initial, train)),
+                retain=True)
+    second = decode_update(_next(agg, "/update/", 60).payload)
+    agg.publish(topics.global_topic(federation),
+                encode_global(GlobalModel(federation, 2, manifest.sha256, initial, train,
+                                          final=True)), retain=True)
+    output = device.communicate(timeout=30)[0]
+    agg.stop()
+
+    # Assert: the same bytes were resent without training round 0 again; round 1 was trained
+    assert again == first
+    assert decode_update(first).round == 0 and second.round == 1
+    assert "trained 1 rounds" in output, output
+    assert not (state / "native-0.pending").exists()

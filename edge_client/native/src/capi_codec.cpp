@@ -66,7 +66,8 @@ std::string describe_frame(const std::string& payload) {
   std::string out = "{\"kind\": " + json(kind).dump() + ", \"header\": " + header + ", \"tensors\": ";
   if (kind == "global") {
     const GlobalModel m = decode_global(payload);
-    out += tensors_json(m.adapter) + ", \"residual_step\": " + tensors_json(m.residual_step) + ", \"clusters\": [";
+    out += tensors_json(m.adapter) + ", \"residual_step\": " + tensors_json(m.residual_step) +
+           ", \"clusters\": [";
     for (size_t k = 0; k < m.clusters.size(); ++k) out += (k ? ", " : "") + tensors_json(m.clusters[k]);
     out += "]";
   } else if (kind == "update") {
@@ -95,7 +96,8 @@ std::string describe(const std::string& payload) {
 // ---- encode_update --------------------------------------------------------------------------
 
 const json& member(const json& object, const char* key) {
-  if (!object.is_object() || !object.contains(key)) throw std::invalid_argument(std::string("missing '") + key + "'");
+  if (!object.is_object() || !object.contains(key))
+    throw std::invalid_argument(std::string("missing '") + key + "'");
   return object.at(key);
 }
 
@@ -130,7 +132,8 @@ Tensor tensor_of(const std::string& name, const json& v) {
   Tensor t;
   if (v.is_object()) {
     for (const json& d : member(v, "shape")) t.shape.push_back(integer_of(d, "a dimension"));
-    for (const json& x : member(v, "data")) t.data.push_back(static_cast<float>(number_of(x, "a tensor value")));
+    for (const json& x : member(v, "data"))
+      t.data.push_back(static_cast<float>(number_of(x, "a tensor value")));
     return t;
   }
   for (const json* level = &v; level->is_array(); level = &(*level)[0]) {
@@ -202,7 +205,8 @@ int edgefl_codec_encode_update(const char* json_text, edgefl_buffer* out) {
 int edgefl_codec_sign(const char* key_pem_path, const char* device_id, const uint8_t* payload, size_t size,
                       edgefl_buffer* out) {
   return edgefl::guarded([&] {
-    if (key_pem_path == nullptr || device_id == nullptr) throw std::invalid_argument("key path or device id is NULL");
+    if (key_pem_path == nullptr || device_id == nullptr)
+      throw std::invalid_argument("key path or device id is NULL");
     if (payload == nullptr && size != 0) throw std::invalid_argument("payload is NULL");
     const std::string bytes(reinterpret_cast<const char*>(payload), payload ? size : 0);
     const edgefl::SigningKey key = edgefl::SigningKey::from_pem_file(key_pem_path);

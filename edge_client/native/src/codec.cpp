@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -41,6 +42,9 @@ constexpr int kSafetensorsDepth = 127;
 // Deeper than this, a header or status breaks a field rule anyway; the bound keeps the
 // recursive parser's stack small.
 constexpr int kHeaderDepth = 256;
+// Values in one JSON document: far above any real message (a global of 10^5 tensors), and it
+// bounds the parser's memory (about 100 bytes a value) where the reference has no bound.
+constexpr size_t kMaxJsonValues = 1000000;
 constexpr size_t kNumpyMaxDims = 64;  // numpy 2 refuses arrays of more dimensions
 constexpr uint64_t kMaxIntp = uint64_t(std::numeric_limits<int64_t>::max());
 const std::string kZstdMagic("\x28\xb5\x2f\xfd", 4);
@@ -285,6 +289,7 @@ class JsonParser {
 
   Json parse_value(int depth) {
     if (at_end()) error("expected a value");
+    if (++values_ > kMaxJsonValues) error("more than 1000000 values");
     const char c = s_[pos_];
     if (c == '{') return parse_object(depth + 1);
     if (c == '[') return parse_array(depth + 1);
@@ -464,8 +469,8 @@ class JsonParser {
     if (magnitude.size() > kMaxIntDigits)
       fail(what_ + ": integer of " + std::to_string(magnitude.size()) + " digits");
     // Same-length digit strings compare as numbers.
-    v.fits = magnitude.size() < 19 ||
-             (magnitude.size() == 19 && magnitude <= (negative ? "9223372036854775808" : "9223372036854775807"));
+    const char* limit = negative ? "9223372036854775808" : "9223372036854775807";
+    v.fits = magnitude.size() < 19 || (magnitude.size() == 19 && magnitude <= limit);
     if (v.fits) {
       v.integer = magnitude == "9223372036854775808" ? std::numeric_limits<int64_t>::min() : std::stoll(v.text);
       v.number = static_cast<double>(v.integer);
@@ -479,6 +484,7 @@ class JsonParser {
   std::string what_;
   int max_depth_;
   size_t pos_ = 0;
+  size_t values_ = 0;
 };
 
 // JSON text of a parsed value as Python's json.dumps writes it: what the value was read as.
@@ -773,14 +779,22 @@ TensorEntry tensor_entry(const std::string& name, const Json& v) {
   return e;
 }
 
+// a * b into *out, false when that overflows 64 bits (no __int128: 32-bit ARM lacks it).
+bool multiply(uint64_t a, uint64_t b, uint64_t* out) {
+  if (a != 0 && b > std::numeric_limits<uint64_t>::max() / a) return false;
+  *out = a * b;
+  return true;
+}
+
 // What numpy accepts as the shape of an array read from the buffer.
 void check_numpy_shape(const std::string& name, const TensorEntry& e, size_t item) {
-  if (e.shape.size() > kNumpyMaxDims) fail("malformed message body: " + show(name) + " has too many dimensions");
-  unsigned __int128 bytes = item;
+  if (e.shape.size() > kNumpyMaxDims)
+    fail("malformed message body: " + show(name) + " has too many dimensions");
+  uint64_t bytes = item;  // item size times every non-zero dimension
   for (uint64_t d : e.shape) {
     if (d > kMaxIntp) fail("malformed message body: dimension of " + show(name) + " too large");
-    if (d != 0) bytes *= d;
-    if (bytes > kMaxIntp) fail("malformed message body: " + show(name) + " is too big");
+    if (d != 0 && (!multiply(bytes, d, &bytes) || bytes > kMaxIntp))
+      fail("malformed message body: " + show(name) + " is too big");
   }
 }
 
@@ -800,14 +814,14 @@ RawTensors read_tensors(const std::string& raw, const Json& header, size_t buffe
   for (const auto& [name, e] : entries) {
     const size_t item = numpy_dtype_size(e.dtype);
     if (item == 0) fail("malformed message body: unsupported dtype " + show(e.dtype) + " of " + show(*name));
-    if (e.begin != start || e.end < e.begin) fail("malformed message body: invalid offset for tensor " + show(*name));
+    if (e.begin != start || e.end < e.begin)
+      fail("malformed message body: invalid offset for tensor " + show(*name));
     start = e.end;
-    unsigned __int128 count = 1;
-    for (uint64_t d : e.shape) {
-      count *= d;  // serde's checked_mul, dimension by dimension
-      if (count > std::numeric_limits<uint64_t>::max()) fail("malformed message body: shape of " + show(*name) + " overflows");
-    }
-    if (count * item > std::numeric_limits<uint64_t>::max() || e.end - e.begin != count * item)
+    uint64_t count = 1;
+    for (uint64_t d : e.shape)  // serde's checked_mul, dimension by dimension
+      if (!multiply(count, d, &count)) fail("malformed message body: shape of " + show(*name) + " overflows");
+    uint64_t bytes = 0;
+    if (!multiply(count, item, &bytes) || e.end - e.begin != bytes)
       fail("malformed message body: data_offsets of " + show(*name) + " do not match its shape");
     check_numpy_shape(*name, e, item);
     RawTensor t;
@@ -816,7 +830,8 @@ RawTensors read_tensors(const std::string& raw, const Json& header, size_t buffe
     tensors[*name] = std::move(t);
   }
   if (start != raw.size() - buffer_begin) fail("malformed message body: file not fully covered by tensors");
-  for (const auto& [name, e] : entries) tensors[*name].bytes = raw.substr(buffer_begin + e.begin, e.end - e.begin);
+  for (const auto& [name, e] : entries)
+    tensors[*name].bytes = raw.substr(buffer_begin + e.begin, e.end - e.begin);
   return tensors;
 }
 
@@ -1006,7 +1021,8 @@ struct Encoder {
       refuse("tensor " + show(name) + " has " + std::to_string(x.data.size()) + " values for its shape");
     if (encoding == "fp32" && !topk) return;  // NaN passes: the receiver names the tensor
     for (float v : x.data)
-      if (!std::isfinite(v)) refuse("tensor " + show(name) + " holds NaN or Inf, which " + encoding + " cannot carry");
+      if (!std::isfinite(v))
+        refuse("tensor " + show(name) + " holds NaN or Inf, which " + encoding + " cannot carry");
   }
 
   static void check_fp16_range(const std::string& name, const std::vector<float>& values) {
@@ -1028,7 +1044,8 @@ struct Encoder {
   static RawTensor i8_tensor(const std::vector<int64_t>& shape, const std::vector<float>& values,
                              const std::vector<float>& scales, const std::vector<uint64_t>& rows) {
     RawTensor t{"I8", shape, std::string(values.size(), '\0')};
-    for (size_t i = 0; i < values.size(); ++i) t.bytes[i] = static_cast<char>(quantize(values[i], scales[rows[i]]));
+    for (size_t i = 0; i < values.size(); ++i)
+      t.bytes[i] = static_cast<char>(quantize(values[i], scales[rows[i]]));
     return t;
   }
 
@@ -1165,17 +1182,20 @@ struct Decoder {
     for (const auto& name : expected)
       if (!wire.count(name)) fail("wire tensors do not fit encoding '" + encoding + "': missing " + show(name));
     for (const auto& [name, t] : wire)
-      if (!expected.count(name)) fail("wire tensors do not fit encoding '" + encoding + "': unexpected " + show(name));
+      if (!expected.count(name))
+        fail("wire tensors do not fit encoding '" + encoding + "': unexpected " + show(name));
   }
 
   std::vector<float> scales(const std::string& name, const std::vector<int64_t>& shape) const {
     const RawTensor& t = expect(name + kScale, "F32");
     const std::vector<int64_t> want{encoding == "int8-channel" && shape.size() >= 2 ? shape[0] : 1};
     if (t.shape != want)
-      fail("wire tensor " + show(name + kScale) + " has shape " + shape_text(t.shape) + ", expected " + shape_text(want));
+      fail("wire tensor " + show(name + kScale) + " has shape " + shape_text(t.shape) + ", expected " +
+           shape_text(want));
     std::vector<float> s = to_floats(t);
     for (float v : s)
-      if (!std::isfinite(v) || v < 0) fail("wire tensor " + show(name + kScale) + " must be finite and non-negative");
+      if (!std::isfinite(v) || v < 0)
+        fail("wire tensor " + show(name + kScale) + " must be finite and non-negative");
     return s;
   }
 
@@ -1194,8 +1214,8 @@ struct Decoder {
     const RawTensor& idx = expect(name + kIndices, "I32");
     const RawTensor& val = expect(name + kValues, value_dtype());
     if (idx.shape.size() != 1 || val.shape != idx.shape)
-      fail("tensor " + show(name) + ": indices " + shape_text(idx.shape) + " and values " + shape_text(val.shape) +
-           " must be 1-D of the same length");
+      fail("tensor " + show(name) + ": indices " + shape_text(idx.shape) + " and values " +
+           shape_text(val.shape) + " must be 1-D of the same length");
     const std::vector<int32_t> indices = to_int32(idx);
     const uint64_t size = element_count(shape);
     if (!indices.empty() && (indices.front() < 0 || static_cast<uint64_t>(indices.back()) >= size))
@@ -1216,23 +1236,26 @@ struct Decoder {
 
   TensorMap decode(const std::optional<std::map<std::string, std::vector<int64_t>>>& shapes) const {
     std::vector<std::string> names;
-    unsigned __int128 total = 0;
+    // Entries, saturated far above the limit: declared shapes can multiply past 64 bits.
+    constexpr uint64_t kHuge = uint64_t(1) << 62;
+    uint64_t total = 0;
     if (shapes) {
       for (const auto& [name, shape] : *shapes) {
         names.push_back(name);
-        unsigned __int128 n = 1;
-        for (int64_t d : shape) n = std::min<unsigned __int128>(n * static_cast<uint64_t>(d), uint64_t(1) << 62);
-        total += n;
+        uint64_t n = 1;
+        for (int64_t d : shape)
+          if (!multiply(n, static_cast<uint64_t>(d), &n) || n > kHuge) n = kHuge;
+        total = std::min(total + n, kHuge);
       }
     } else {
       for (const auto& [name, t] : wire) {
         if (name.find('#') != std::string::npos) continue;
         names.push_back(name);
-        total += element_count(t.shape);
+        total = std::min(total + element_count(t.shape), kHuge);
       }
     }
     check_names(names);
-    if (4 * total > kMaxDenseBytes) fail("decoded tensors would take more than 67108864 bytes");
+    if (total > kMaxDenseBytes / 4) fail("decoded tensors would take more than 67108864 bytes");
     TensorMap out;
     for (const auto& name : names) out[name] = shapes ? sparse_tensor(name, shapes->at(name)) : dense(name);
     return out;
@@ -1310,7 +1333,8 @@ void check_update(const Update& u, const std::string& encoding, std::optional<do
     const std::string problem = metric_value_problem(name, value);
     require(problem.empty(), problem);
   }
-  require(u.task.empty() || is_task_name(u.task), "task slot " + show(u.task) + " must be 1-32 characters of [A-Za-z0-9_.-]");
+  require(u.task.empty() || is_task_name(u.task),
+          "task slot " + show(u.task) + " must be 1-32 characters of [A-Za-z0-9_.-]");
   require(encoding_problem(encoding).empty(), encoding_problem(encoding));
   require(!topk || valid_topk(*topk), "topk must be in (0, 1]");
 }
@@ -1335,7 +1359,8 @@ void task_value(const Json& header, GlobalModel& m) {
   const Json* classes = header.get("task_classes");
   if (classes == nullptr || !classes->is(Kind::Array) || classes->items.empty())
     fail("header field 'task_classes' must be a non-empty list of integers");
-  for (const Json& c : classes->items) m.task_classes.push_back(int_value(c, "header field 'task_classes' entry", 0));
+  for (const Json& c : classes->items)
+    m.task_classes.push_back(int_value(c, "header field 'task_classes' entry", 0));
   const Json* index = header.get("task_index");
   if (index == nullptr) fail("header field 'task_index' must be an integer, got None");
   m.task_index = int_value(*index, "header field 'task_index'", 0);
@@ -1377,7 +1402,7 @@ void split_global_tensors(const RawTensors& tensors, GlobalModel& m) {
       const std::string index = rest.substr(0, slash);
       // Canonical decimal: no sign, no leading zero, at most 9 digits.
       const bool canonical = !index.empty() && index.size() <= 9 &&
-                             std::all_of(index.begin(), index.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+                             index.find_first_not_of("0123456789") == std::string::npos &&
                              (index == "0" || index[0] != '0');
       if (!canonical || slash == std::string::npos || slash + 1 == rest.size())
         fail("malformed cluster tensor name " + show(name));
@@ -1431,7 +1456,8 @@ GlobalModel decode_global(const std::string& payload) {
   m.assignment = assignment_value(h);
   task_value(h, m);
   if (const Json* residual = h.get("residual")) {
-    if (!bool_value(*residual, "header field 'residual'")) fail("header field 'residual' is written only as true");
+    if (!bool_value(*residual, "header field 'residual'"))
+      fail("header field 'residual' is written only as true");
     m.residual = true;
   }
   split_global_tensors(frame.tensors, m);
@@ -1473,7 +1499,8 @@ Update decode_update(const std::string& payload) {
   u.is_delta = bool_value(field(h, "is_delta"), "header field 'is_delta'");
   if (const Json* task = h.get("task")) {
     if (!task->is(Kind::String) || task->text.empty()) fail("header field 'task' must be a non-empty string");
-    if (!is_task_name(task->text)) fail("header field 'task': task slot " + show(task->text) + " must be 1-32 characters of [A-Za-z0-9_.-]");
+    if (!is_task_name(task->text))
+      fail("header field 'task': task slot " + show(task->text) + " must be 1-32 characters of [A-Za-z0-9_.-]");
     u.task = task->text;
   }
   const std::string encoding = encoding_value(field(h, "encoding"), "header field 'encoding'");
@@ -1495,7 +1522,8 @@ Status decode_status(const std::string& payload) {
   Status status;
   if (const Json* problem = raw.get("problem")) {
     if (!problem->is(Kind::String)) fail("status field 'problem' must be a string");
-    if (problem->text != "manifest") fail("status field problem must be one of ['manifest'], got " + show(problem->text));
+    if (problem->text != "manifest")
+      fail("status field problem must be one of ['manifest'], got " + show(problem->text));
     status.problem = problem->text;
   }
   status.device_id = segment_value(*raw.get("device_id"), "status field device_id");
@@ -1533,7 +1561,8 @@ std::string encode_global(const GlobalModel& m) {
   require(m.round >= 0 && m.round <= kMaxInt32, "round must be in 0..2147483647");
   require(is_token(m.manifest_sha256), "manifest_sha256 must be 1-64 characters of [A-Za-z0-9_.:-]");
   require(m.train.local_steps >= 1 && m.train.local_steps <= kMaxInt32, "local_steps must be in 1..2147483647");
-  require(m.train.learning_rate > 0 && m.train.learning_rate <= kLargestFloat, "learning_rate must be positive and finite");
+  require(m.train.learning_rate > 0 && m.train.learning_rate <= kLargestFloat,
+          "learning_rate must be positive and finite");
   require(encoding_problem(m.train.update_encoding).empty(), encoding_problem(m.train.update_encoding));
   require(!m.train.update_topk || valid_topk(*m.train.update_topk), "update_topk must be in (0, 1]");
   require(m.residual || m.residual_step.empty(), "a residual step needs residual = true");
@@ -1551,7 +1580,8 @@ std::string encode_global(const GlobalModel& m) {
     ObjectWriter assignment;
     for (const auto& [slot, cluster] : m.assignment) {
       require(slot_problem(slot).empty(), "assignment slot " + show(slot) + " " + slot_problem(slot));
-      require(cluster >= 0 && cluster < static_cast<int64_t>(m.clusters.size()), "assignment names a missing cluster");
+      require(cluster >= 0 && cluster < static_cast<int64_t>(m.clusters.size()),
+              "assignment names a missing cluster");
       assignment.integer(slot, cluster);
     }
     header.raw("assignment", assignment.done());
@@ -1564,7 +1594,8 @@ std::string encode_global(const GlobalModel& m) {
   if (m.residual) header.boolean("residual", true);
   RawTensors tensors;
   const auto add = [&](const std::string& name, const Tensor& t) {
-    require(element_count(t.shape) == t.data.size(), "tensor " + show(name) + " has the wrong number of values");
+    require(element_count(t.shape) == t.data.size(),
+            "tensor " + show(name) + " has the wrong number of values");
     tensors[name] = f32_tensor(t.shape, t.data);
   };
   for (const auto& [name, t] : m.adapter) add(name, t);
@@ -1578,7 +1609,8 @@ std::string encode_global(const GlobalModel& m) {
   return payload;
 }
 
-std::string encode_status(bool online, const std::string& device_id, const std::optional<std::string>& problem) {
+std::string encode_status(bool online, const std::string& device_id,
+                          const std::optional<std::string>& problem) {
   check_segment_arg(device_id, "device_id");
   require(!problem || *problem == "manifest", "status problem must be one of ['manifest']");
   ObjectWriter status;
@@ -1618,7 +1650,8 @@ TensorMap dense_residual(const TensorMap& factors) {
     const Tensor& u = factors.at(layer + ".U");
     const Tensor& v = factors.at(layer + ".V");
     if (u.shape.size() != 2 || v.shape.size() != 2 || u.shape[1] != v.shape[0])
-      fail("residual factors of " + show(layer) + " have shapes " + shape_text(u.shape) + " and " + shape_text(v.shape));
+      fail("residual factors of " + show(layer) + " have shapes " + shape_text(u.shape) + " and " +
+           shape_text(v.shape));
     const auto rows = static_cast<size_t>(u.shape[0]), inner = static_cast<size_t>(u.shape[1]),
                cols = static_cast<size_t>(v.shape[1]);
     // Summed in float64 and rounded once, as the reference's float64 matmul.

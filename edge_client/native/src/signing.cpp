@@ -30,7 +30,11 @@ std::string openssl_error() {
 bool valid_utf8(const std::string& s) {
   for (size_t i = 0; i < s.size();) {
     const auto c = static_cast<unsigned char>(s[i]);
-    size_t n = c < 0x80 ? 1 : c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+    const size_t n = c < 0x80                ? 1
+                     : c >= 0xc2 && c <= 0xdf ? 2
+                     : c >= 0xe0 && c <= 0xef ? 3
+                     : c >= 0xf0 && c <= 0xf4 ? 4
+                                              : 0;
     if (n == 0 || i + n > s.size()) return false;
     uint32_t cp = n == 1 ? c : c & (0x7f >> n);
     for (size_t k = 1; k < n; ++k) {
@@ -55,9 +59,13 @@ struct SigningKey::Impl {
 SigningKey SigningKey::from_pem_file(const std::string& path) {
   BIO* bio = BIO_new_file(path.c_str(), "r");
   if (bio == nullptr) throw std::runtime_error("cannot read signing key " + path);
-  EVP_PKEY* key = PEM_read_bio_PrivateKey(bio, nullptr, nullptr, nullptr);
+  // A callback that supplies no passphrase: OpenSSL's default would prompt on the terminal
+  // for an encrypted key, and a device has nobody to answer it.
+  pem_password_cb* no_passphrase = [](char*, int, int, void*) { return 0; };
+  EVP_PKEY* key = PEM_read_bio_PrivateKey(bio, nullptr, no_passphrase, nullptr);
   BIO_free(bio);
-  if (key == nullptr) throw std::runtime_error("signing key " + path + " is no PEM private key: " + openssl_error());
+  if (key == nullptr)
+    throw std::runtime_error("signing key " + path + " is no PEM private key: " + openssl_error());
   if (EVP_PKEY_get_id(key) != EVP_PKEY_ED25519) {
     EVP_PKEY_free(key);
     throw std::runtime_error("signing key " + path + " is not an Ed25519 private key");

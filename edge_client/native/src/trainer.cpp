@@ -1,6 +1,15 @@
 // Trainer: the exported ExecuTorch joint forward/backward program, driven in place, plus plain SGD.
 #include "trainer.hpp"
 
+#include <malloc.h>
+#include <sys/mman.h>
+
+#include <cinttypes>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
 #include <openssl/evp.h>
 
 #include <algorithm>
@@ -209,6 +218,26 @@ struct Trainer::Impl {
   size_t frozen_index(const std::string& kind, const std::string& name) const;
 };
 
+// Loading leaves memory the training steps never touch again: the program file's pages that
+// XNNPACK read while packing its weights (it trains on the packed copy), and heap that load-time
+// temporaries freed. Handing both back keeps a phone's resident set to what training uses.
+void release_load_memory(const std::string& program_path) {
+  malloc_trim(0);
+  char resolved[PATH_MAX];
+  if (realpath(program_path.c_str(), resolved) == nullptr) return;
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    const size_t slash = line.find('/');
+    if (slash == std::string::npos || line.compare(slash, std::string::npos, resolved) != 0) continue;
+    uintptr_t begin = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR, &begin, &end) != 2) continue;
+    // MADV_PAGEOUT keeps the contents (clean file pages are simply re-read if touched again);
+    // kernels before 5.4 reject it, and then nothing changes.
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
+  }
+}
+
 Trainer::Impl::Impl(const std::string& artifact_dir, double lr)
     : manifest(Manifest::load(artifact_dir)), learning_rate(lr) {
   if (manifest.executorch_file.empty())
@@ -231,6 +260,7 @@ Trainer::Impl::Impl(const std::string& artifact_dir, double lr)
   // zero batch does that without changing the weights (a step is a separate SGD pass).
   run(zero_inputs.data(), zero_labels.data());
   map_outputs(fqns, grad_start, param_start);
+  release_load_memory(artifact_dir + "/" + manifest.executorch_file);
 }
 
 std::vector<std::string> Trainer::Impl::read_training_metadata(size_t* grad_start,

@@ -20,7 +20,7 @@ void on_signal(int) {
 const char kUsage[] =
     "usage: edgefl-device --id ID --federation NAME --artifacts DIR --data PARTITION\n"
     "                     [--host 127.0.0.1] [--port 1883] [--state-dir DIR] [--seed N]\n"
-    "                     [--ca CA.pem --cert DEVICE.pem --key DEVICE.key] [--signing-key KEY.pem]\n";
+    "                     [--ca ca.crt --cert client.crt --key client.key] [--signing-key signing.key]\n";
 
 int fail(const std::string& message) {
   std::fprintf(stderr, "edgefl-device: %s\n", message.c_str());
