@@ -7,14 +7,10 @@
 
 #include "capi_util.hpp"
 #include "codec.hpp"
+#include "frame.hpp"  // detail::frame_kind_and_header
 #include "signing.hpp"
 
 namespace edgefl {
-
-namespace detail {
-// codec.cpp: the kind of a frame that passes the frame rules, and its header as parsed (JSON).
-std::pair<std::string, std::string> frame_kind_and_header(const std::string& payload);
-}  // namespace detail
 
 namespace {
 
