@@ -161,3 +161,21 @@ def test_native_devices_serve_task_slots_and_class_masks(
             assert len(re.findall(r"round \d+ update\(s\), loss [\d.]+, [\d.]+", log)) == 2
     if strategy == "fltac":  # every round counted the 8 task slots, the native ones' too
         assert [r["devices"] for r in report["rounds"][1:]] == [8, 8]
+
+
+def test_native_minilm_device_federates_with_a_python_one(
+    native_build: Path, tmp_path: Path,
+) -> None:
+    # The pretrained transformer on a native device: one round next to an ONNX Runtime device
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "emulate", "--workload", "minilm-fortunes", "--devices",
+         "2", "--native", "1", "--rounds", "1", "--local-steps", "2", "--participation", "1.0",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = tmp_path.glob("*/results.json")
+    report = json.loads(results.read_text())
+    assert [r["devices"] for r in report["rounds"][1:]] == [2]
+    assert report["native_failures"] == 0 and not report["rejections"]
+    assert "trained 1 rounds" in (results.parent / "devices" / "dev-00001.log").read_text()
