@@ -49,6 +49,12 @@ uint64_t read_u64_be(const std::string& s, size_t at) {
   return v;
 }
 
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + (shape.size() == 1 ? ",)" : ")");
+}
+
 bool is_personal_name(const Manifest& m, const std::string& name) { return m.is_personal(name); }
 
 TensorMap only(const TensorMap& tensors, bool personal, const Manifest& m) {
@@ -101,6 +107,18 @@ void Agent::set_tasks(std::vector<LocalTask> tasks) {
   for (const auto& t : tasks) {
     if (!names.insert(t.name).second) throw std::invalid_argument("task slots need distinct names");
     if (tasks.size() > 1 && t.name.empty()) throw std::invalid_argument("several task slots need names");
+    // Checked here, once: data of another model would otherwise fail every round.
+    const Manifest& m = trainer_->manifest();
+    const std::vector<int64_t> example(m.input_shape.begin() + 1, m.input_shape.end());
+    if (t.example_shape != example || t.dtype != m.input_dtype)
+      throw std::invalid_argument("the data's examples are " + t.dtype + " of shape " +
+                                  shape_text(t.example_shape) + "; the program takes " +
+                                  m.input_dtype + " of shape " + shape_text(example));
+    for (int64_t label : t.labels)
+      if (label < 0 || label >= static_cast<int64_t>(m.labels.size()))
+        throw std::invalid_argument("the data has label " + std::to_string(label) +
+                                    "; the program has " + std::to_string(m.labels.size()) +
+                                    " classes");
   }
   tasks_ = std::move(tasks);
   for (const auto& t : tasks_) personal_[t.name] = load_personal(t.name);

@@ -9,12 +9,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 
 #include <openssl/evp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <executorch/extension/module/module.h>
+#include <executorch/runtime/platform/platform.h>
 #include <executorch/extension/tensor/tensor_ptr.h>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -218,6 +220,24 @@ struct Trainer::Impl {
   size_t frozen_index(const std::string& kind, const std::string& name) const;
 };
 
+// The runtime logs at info level (cpuinfo's reads of /sys on every start); a device's log
+// keeps its warnings and errors only, unless EDGEFL_NATIVE_VERBOSE is set.
+void emit_runtime_log(et_timestamp_t, et_pal_log_level_t level, const char* filename,
+                      const char*, size_t line, const char* message, size_t length) {
+  if ((level == kDebug || level == kInfo) && std::getenv("EDGEFL_NATIVE_VERBOSE") == nullptr)
+    return;
+  std::fprintf(stderr, "executorch %c %s:%zu: %.*s\n", static_cast<char>(level), filename, line,
+               static_cast<int>(length), message);
+}
+
+void quiet_runtime_logs() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    executorch::runtime::register_pal(
+        executorch::runtime::PalImpl::create(emit_runtime_log, __FILE__));
+  });
+}
+
 // Loading leaves memory the training steps never touch again: the program file's pages that
 // XNNPACK read while packing its weights (it trains on the packed copy), and heap that load-time
 // temporaries freed. Handing both back keeps a phone's resident set to what training uses.
@@ -247,6 +267,7 @@ Trainer::Impl::Impl(const std::string& artifact_dir, double lr)
   input_bytes = static_cast<size_t>(numel_of(manifest.input_shape)) * item;
   // Mapped without mlock: pages of frozen weights load on demand and stay reclaimable, which
   // keeps the resident set small on a phone.
+  quiet_runtime_logs();
   module = std::make_unique<ProgramModule>(artifact_dir + "/" + manifest.executorch_file,
                                            executorch::extension::Module::LoadMode::Mmap);
   check_ok(module->load(), "loading " + manifest.executorch_file);
