@@ -231,11 +231,21 @@ def device_data(config: FleetConfig, workload: WorkloadData, index: int) -> list
     return [LocalTask("", share.x, share.y)]
 
 
+# Up to this many native devices run as one `edgefl-device` process each, as real devices do;
+# more run in `edgefl-fleet` processes of NATIVE_PER_PROCESS devices sharing one program.
+# libmosquitto's network loop uses select(), which fails for file descriptors above 1024, and
+# each client holds three (its socket and a wake-up pair).
+NATIVE_SEPARATE = 32
+NATIVE_PER_PROCESS = 300
+
+
 class NativeFleet:
-    """The fleet's native devices: one `edgefl-device` process each (edge_client/native).
+    """The fleet's native devices (edge_client/native), as `edgefl-device` or `edgefl-fleet`
+    processes.
 
     Each gets the same data a Python agent of its index would train on, as a partition file;
-    its log goes to `<state_dir>/<id>.log`. Slowdown, dropout and link loss are Python-only.
+    logs go to `<state_dir>/<id>.log` (or `fleet-<first>.log`). Slowdown, dropout and link loss
+    are Python-only.
     """
 
     def __init__(self, config: FleetConfig, host: str, port: int, federation: str,
@@ -249,19 +259,33 @@ class NativeFleet:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
-        for i in range(config.python_devices, config.devices):
-            device_id = fleet_device_id(i)
-            partition = write_partition(state_dir / f"{device_id}.data.safetensors",
-                                        device_data(config, workload, i))
-            log = state_dir / f"{device_id}.log"
-            with log.open("wb") as out:
-                self.processes.append(subprocess.Popen(
-                    [str(EXECUTABLE), "--id", device_id, "--federation", federation,
-                     "--artifacts", str(artifacts), "--data", str(partition), "--host", host,
-                     "--port", str(port), "--state-dir", str(state_dir),
-                     "--seed", str(device_seed(device_id) ^ config.seed)],
-                    stdout=out, stderr=subprocess.STDOUT))
-            self.logs.append(log)
+        indices = range(config.python_devices, config.devices)
+        for i in indices:
+            write_partition(state_dir / f"{fleet_device_id(i)}.data.safetensors",
+                            device_data(config, workload, i))
+        common = ["--federation", federation, "--artifacts", str(artifacts), "--host", host,
+                  "--port", str(port), "--state-dir", str(state_dir)]
+        if len(indices) <= NATIVE_SEPARATE:
+            for i in indices:
+                device_id = fleet_device_id(i)
+                self._start(state_dir / f"{device_id}.log", [
+                    str(EXECUTABLE), "--id", device_id, "--data",
+                    str(state_dir / f"{device_id}.data.safetensors"),
+                    "--seed", str(device_seed(device_id) ^ config.seed), *common])
+            return
+        for first in range(indices.start, indices.stop, NATIVE_PER_PROCESS):
+            count = min(NATIVE_PER_PROCESS, indices.stop - first)
+            self._start(state_dir / f"fleet-{first:05d}.log", [
+                str(EXECUTABLE.parent / "edgefl-fleet"), "--first", str(first), "--count",
+                str(count), "--data-dir", str(state_dir), "--seed", str(config.seed), *common])
+
+    def _start(self, log: Path, command: list[str]) -> None:
+        import subprocess
+
+        with log.open("wb") as out:
+            self.processes.append(subprocess.Popen(command, stdout=out,
+                                                   stderr=subprocess.STDOUT))
+        self.logs.append(log)
 
     def finish(self, timeout_s: float = 30.0) -> int:
         """Wait for the devices (they stop at the final global), then stop any left; failures."""

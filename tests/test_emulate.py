@@ -51,3 +51,26 @@ def test_emulate_runs_native_devices_in_the_fleet(tmp_path: Path, cnn_artifacts:
         assert json.loads((devices / f"{device_id}.json").read_text()) == {"last_round": 1}
         assert "trained 2 rounds" in (devices / f"{device_id}.log").read_text()
     assert not (devices / "dev-00000.log").exists()  # a Python device
+
+
+def test_many_native_devices_share_fleet_processes(tmp_path: Path, cnn_artifacts: Path,
+                                                   native_build: Path) -> None:
+    # 400 native devices: more than one edgefl-fleet process holds (select() caps each)
+    from edge_client.fleet import NATIVE_PER_PROCESS
+
+    devices = NATIVE_PER_PROCESS + 100
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "emulate", "--devices", str(devices), "--native",
+         str(devices), "--rounds", "2", "--local-steps", "1", "--participation", "1.0",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = tmp_path.glob("*/results.json")
+    report = json.loads(results.read_text())
+    assert [r["devices"] for r in report["rounds"][1:]] == [devices, devices]
+    assert report["native_failures"] == 0 and not report["rejections"]
+    logs = sorted((results.parent / "devices").glob("fleet-*.log"))
+    assert [log.name for log in logs] == ["fleet-00000.log", f"fleet-{NATIVE_PER_PROCESS:05d}.log"]
+    assert f"{NATIVE_PER_PROCESS} devices: {2 * NATIVE_PER_PROCESS} device-rounds trained, " \
+           "0 failed" in logs[0].read_text()

@@ -150,3 +150,16 @@ def test_the_data_half_imports_no_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_fleet_too_large_for_any_draw_still_gets_a_split_of_every_example() -> None:
+    from workloads.data import dirichlet_split
+
+    # 30 examples over 25 devices at alpha 0.05: no draw gives every device an example, so
+    # the largest shares give theirs up; each example still goes to exactly one device.
+    labels = np.repeat(np.arange(3), 10)
+    parts = dirichlet_split(labels, 25, 0.05, np.random.default_rng(0))
+    assert len(parts) == 25 and min(len(p) for p in parts) >= 1
+    assert sorted(np.concatenate(parts).tolist()) == list(range(30))
+    with pytest.raises(ValueError, match="cannot give"):
+        dirichlet_split(labels, 31, 0.05, np.random.default_rng(0))

@@ -40,6 +40,16 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
+def _raise_file_limit() -> None:
+    """One file descriptor per client: let the broker open as many as the hard limit allows
+    (large emulated fleets), not just the soft default of 1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Broker:
     """A running broker; `kind` says which one. Use as a context manager."""
 
@@ -90,7 +100,8 @@ class Broker:
             "log_dest stderr\nlog_type error\nlog_type warning\n"
         )
         self._log = open(Path(self._tmp.name) / "mosquitto.log", "wb")  # noqa: SIM115
-        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=self._log)
+        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=self._log,
+                                      preexec_fn=_raise_file_limit)
 
     def _start_amqtt(self) -> None:
         from amqtt.broker import Broker as AmqttBroker

@@ -39,7 +39,9 @@ def dirichlet_split(
 ) -> list[np.ndarray]:
     """Non-IID label-skew split (Hsu et al. 2019): each class is spread over devices by Dir(alpha).
 
-    Smaller alpha means more skew. Redraws until every device holds at least `min_size` examples.
+    Smaller alpha means more skew. Redraws until every device holds at least `min_size` examples;
+    a fleet so large that no draw does (10,000 devices on a few examples each) gets the last
+    draw with examples moved from the largest shares to the ones below `min_size`.
     """
     if num_devices <= 0 or alpha <= 0:
         raise ValueError("num_devices and alpha must be positive")
@@ -56,7 +58,19 @@ def dirichlet_split(
                 parts[device].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-    raise RuntimeError(f"no Dirichlet({alpha}) split gave every device {min_size} examples")
+    return [np.sort(np.array(p, dtype=np.int64)) for p in _top_up(parts, min_size)]
+
+
+def _top_up(parts: list[list[int]], min_size: int) -> list[list[int]]:
+    """Move examples from the largest parts to those below `min_size` (enough exist: checked)."""
+    by_size = sorted(range(len(parts)), key=lambda d: len(parts[d]), reverse=True)
+    donor = 0
+    for device in range(len(parts)):
+        while len(parts[device]) < min_size:
+            while len(parts[by_size[donor]]) <= min_size:
+                donor += 1
+            parts[device].append(parts[by_size[donor]].pop())
+    return parts
 
 
 def min_share(pool_size: int, num_devices: int, batch_size: int) -> int:

@@ -20,7 +20,6 @@ namespace edgefl {
 
 namespace {
 constexpr int kSessionExpiryS = 3600;  // the broker keeps our subscription and queue this long
-constexpr auto kPoll = std::chrono::milliseconds(500);
 constexpr auto kAckTimeout = std::chrono::seconds(30);
 constexpr size_t kInboxMax = 16;  // globals supersede each other: the newest few are enough
 const char kPendingMagic[] = "EFP2";
@@ -74,8 +73,12 @@ void log_line(const std::string& level, const std::string& device, const std::st
 
 #define LOG(level, text) log_line(level, config_.device_id, text)
 
-Agent::Agent(AgentConfig config) : config_(std::move(config)) {
-  trainer_ = std::make_unique<Trainer>(config_.artifact_dir, 0.05);
+Agent::Agent(AgentConfig config)
+    : Agent(config, std::make_shared<Trainer>(config.artifact_dir, 0.05),
+            std::make_shared<std::mutex>()) {}
+
+Agent::Agent(AgentConfig config, std::shared_ptr<Trainer> trainer, std::shared_ptr<std::mutex> lock)
+    : config_(std::move(config)), trainer_(std::move(trainer)), train_lock_(std::move(lock)) {
   if (!config_.signing_key_file.empty())
     signing_key_.emplace(SigningKey::from_pem_file(config_.signing_key_file));
   rng_.seed(config_.seed);
@@ -121,6 +124,7 @@ void Agent::set_tasks(std::vector<LocalTask> tasks) {
                                     " classes");
   }
   tasks_ = std::move(tasks);
+  std::lock_guard<std::mutex> lock(*train_lock_);
   for (const auto& t : tasks_) personal_[t.name] = load_personal(t.name);
 }
 
@@ -227,7 +231,8 @@ std::optional<GlobalModel> Agent::latest_global() {
   std::deque<Inbound> batch;
   {
     std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait_for(lock, kPoll, [&] { return !inbox_.empty() || stop_; });
+    cv_.wait_for(lock, std::chrono::milliseconds(config_.poll_ms),
+                 [&] { return !inbox_.empty() || stop_; });
     batch.swap(inbox_);
   }
   std::optional<GlobalModel> latest;
@@ -339,11 +344,15 @@ void Agent::publish_status() {
 
 void Agent::serve(const GlobalModel& message) {
   if (message.round <= last_round_) return;
-  if (!prepare(message)) return;
   std::vector<Update> updates;
-  for (const auto& task : tasks_) {
-    std::optional<Update> u = train_task(message, task);
-    if (u) updates.push_back(std::move(*u));
+  {
+    // The program's frozen inputs and parameters are set per device: hold it throughout.
+    std::lock_guard<std::mutex> lock(*train_lock_);
+    if (!prepare(message)) return;
+    for (const auto& task : tasks_) {
+      std::optional<Update> u = train_task(message, task);
+      if (u) updates.push_back(std::move(*u));
+    }
   }
   if (updates.empty()) return;
   std::vector<std::string> payloads;

@@ -33,12 +33,15 @@ struct AgentConfig {
   std::string signing_key_file;               // signed updates when set
   uint64_t seed = 0;
   int keepalive_s = 30;
+  int poll_ms = 500;  // how often an idle device retries unsent updates
 };
 
 // One device. run() blocks until the final global or stop(); it returns the rounds trained.
 class Agent {
  public:
   explicit Agent(AgentConfig config);  // loads artifacts and key; throws std::runtime_error
+  // A device of a fleet: devices of one process share one program and train one at a time.
+  Agent(AgentConfig config, std::shared_ptr<Trainer> trainer, std::shared_ptr<std::mutex> lock);
   ~Agent();
   void set_tasks(std::vector<LocalTask> tasks);  // throws std::invalid_argument
   int run();
@@ -93,7 +96,8 @@ class Agent {
   void save_personal(const std::string& task);
 
   AgentConfig config_;
-  std::unique_ptr<Trainer> trainer_;
+  std::shared_ptr<Trainer> trainer_;
+  std::shared_ptr<std::mutex> train_lock_;
   std::optional<SigningKey> signing_key_;
   std::vector<LocalTask> tasks_;
   std::map<std::string, TensorMap> personal_;
