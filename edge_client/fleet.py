@@ -260,17 +260,16 @@ class NativeFleet:
         self.processes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         indices = range(config.python_devices, config.devices)
-        for i in indices:
-            write_partition(state_dir / f"{fleet_device_id(i)}.data.safetensors",
-                            device_data(config, workload, i))
+        # edgefl-fleet finds each device's file by this name in --data-dir
+        partitions = {i: write_partition(state_dir / f"{fleet_device_id(i)}.data.safetensors",
+                                         device_data(config, workload, i)) for i in indices}
         common = ["--federation", federation, "--artifacts", str(artifacts), "--host", host,
                   "--port", str(port), "--state-dir", str(state_dir)]
         if len(indices) <= NATIVE_SEPARATE:
             for i in indices:
                 device_id = fleet_device_id(i)
                 self._start(state_dir / f"{device_id}.log", [
-                    str(EXECUTABLE), "--id", device_id, "--data",
-                    str(state_dir / f"{device_id}.data.safetensors"),
+                    str(EXECUTABLE), "--id", device_id, "--data", str(partitions[i]),
                     "--seed", str(device_seed(device_id) ^ config.seed), *common])
             return
         for first in range(indices.start, indices.stop, NATIVE_PER_PROCESS):

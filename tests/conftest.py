@@ -77,6 +77,17 @@ def run_rounds(coordinator: Coordinator, agents: list[DeviceAgent],
         aggregator_transport.stop()
 
 
+def wait_for_round(coordinator: Coordinator, round_number: int, timeout_s: float) -> int:
+    """Wait until the running coordinator has opened `round_number` (or the timeout passed);
+    return the round it is at."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while coordinator.round < round_number and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return coordinator.round
+
+
 def make_adapter(seed: int, shapes: dict[str, tuple[int, ...]]) -> TensorDict:
     """A reproducible random adapter with the given tensor shapes."""
     rng = np.random.default_rng(seed)

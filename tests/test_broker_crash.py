@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.numpy import load_file
@@ -61,16 +63,14 @@ def _receive(observer: MqttTransport, count: int, timeout_s: float) -> list[byte
     return payloads
 
 
-def test_updates_lost_in_a_broker_crash_are_sent_again(cnn_artifacts: Path,
-                                                       tmp_path: Path) -> None:
-    # Prepare: a persisting broker (as a gateway's), the aggregator subscribed with its
-    # persistent session and round 0's global retained; then the aggregator goes away
+def open_round_then_leave(artifacts: Path, tmp_path: Path) -> tuple[Broker, MqttTransport]:
+    """A persisting broker (as a gateway's) with round 0's global retained, and the aggregator
+    gone, its persistent session kept; the observer returned is subscribed to the updates."""
     broker = Broker(prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
-    port = broker.port
-    observer = MqttTransport("127.0.0.1", port, "observer")
+    observer = MqttTransport("127.0.0.1", broker.port, "observer")
     observer.start()
     observer.subscribe(topics.global_topic(FED))
-    coordinator, agg = _aggregator(port, cnn_artifacts, tmp_path / "agg")
+    coordinator, agg = _aggregator(broker.port, artifacts, tmp_path / "agg")
     stop, records = threading.Event(), []
     first = _run(coordinator, stop, records)
     _receive(observer, 1, 30)  # round 0 is open
@@ -78,6 +78,37 @@ def test_updates_lost_in_a_broker_crash_are_sent_again(cnn_artifacts: Path,
     first.join(10)
     agg.stop()
     observer.subscribe(topics.update_filter(FED))
+    return broker, observer
+
+
+@contextmanager
+def broker_crashed_aggregator_back(
+    broker: Broker, artifacts: Path, tmp_path: Path,
+) -> Iterator[tuple[Coordinator, list[RoundRecord], threading.Thread]]:
+    """Kill the broker before it saves anything (its queue and retained global are lost),
+    bring it back on the same port, and restart the aggregator from its store; yields the
+    coordinator, its round records and the thread running it."""
+    port = broker.port
+    broker.kill()
+    broker = Broker(port=port, prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
+    coordinator, agg = _aggregator(port, artifacts, tmp_path / "agg")
+    stop, records = threading.Event(), []
+    thread = _run(coordinator, stop, records)
+    try:
+        yield coordinator, records, thread
+    finally:
+        stop.set()
+        thread.join(10)
+        agg.stop()
+        broker.stop()
+
+
+def test_updates_lost_in_a_broker_crash_are_sent_again(cnn_artifacts: Path,
+                                                       tmp_path: Path) -> None:
+    # Prepare: a persisting broker (as a gateway's), the aggregator subscribed with its
+    # persistent session and round 0's global retained; then the aggregator goes away
+    broker, observer = open_round_then_leave(cnn_artifacts, tmp_path)
+    port = broker.port
     # The devices train round 0 and publish: the broker queues both updates for the aggregator
     agents = [_agent(port, cnn_artifacts, tmp_path / "dev", i) for i in range(DEVICES)]
     threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
@@ -88,20 +119,11 @@ def test_updates_lost_in_a_broker_crash_are_sent_again(cnn_artifacts: Path,
 
     # Execute: the broker dies before saving anything (its queue and retained global are lost),
     # comes back on the same port, and the aggregator restarts from its store
-    broker.kill()
-    broker = Broker(port=port, prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
-    coordinator, agg = _aggregator(port, cnn_artifacts, tmp_path / "agg")
-    stop, records = threading.Event(), []
-    second = _run(coordinator, stop, records)
-    try:
+    with broker_crashed_aggregator_back(broker, cnn_artifacts, tmp_path) as (coordinator,
+                                                                             records, second):
         second.join(60)
         for thread in threads:
             thread.join(30)
-    finally:
-        stop.set()
-        second.join(10)
-        agg.stop()
-        broker.stop()
 
     # Assert: round 0 closed with each device's one update, counted once; the devices finished
     assert [r.devices for r in records] == [("dev0", "dev1")], "round 0 never closed"

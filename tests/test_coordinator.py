@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from export.build import ADAPTER_INIT_FILE
 from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
+from tests.conftest import wait_for_round
 from transport.broker import Broker
 from transport.mqtt import MqttTransport
 
@@ -188,9 +188,7 @@ def test_async_mode_buffers_k_updates_and_discounts_stale_ones(
     # Execute: version 1 from two fresh updates; version 2 from one stale and one fresh
     send("d0", 0, a[0], 100)
     send("d1", 0, a[1], 300)
-    deadline = time.monotonic() + 20
-    while coordinator.round < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_round(coordinator, 1, 20)
     g1 = dict(coordinator.adapter)
     send("d2", 0, a[2], 200)  # one version stale: counts at 1/sqrt(2)
     send("d3", 1, a[3], 200)

@@ -6,7 +6,6 @@ ExecuTorch through its program's frozen inputs (W0 + delta per LoRA layer).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,16 @@ import pytest
 from safetensors.numpy import load_file
 
 from aggregator.coordinator import AggregatorConfig, Coordinator
+from aggregator.rounds import GlobalState
 from aggregator.store import GlobalStore
 from edge_client.agent import DeviceAgent
 from edge_client.data import device_partitions
 from edge_client.trainer import make_trainer
-from aggregator.rounds import GlobalState
 from protocol.manifest import BASE_DELTA, Manifest, load_manifest
 from protocol.messages import GlobalModel, TrainConfig
 from protocol.residual import dense_residual
+from tests.conftest import run_rounds, wait_for_round
 from transport.broker import Broker
-from tests.conftest import run_rounds
 from transport.mqtt import MqttTransport
 from workloads import fmnist
 
@@ -250,10 +249,7 @@ def test_a_device_that_joins_late_catches_up_from_the_residual_topic(
         thread.start()
     runner = threading.Thread(target=coordinator.run, daemon=True)
     runner.start()
-    deadline = time.monotonic() + 120
-    while coordinator.round < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert coordinator.round == 2
+    assert wait_for_round(coordinator, 2, 120) == 2
     late_thread = threading.Thread(target=late.run, daemon=True)
     late_thread.start()
 

@@ -130,7 +130,8 @@ def byte_mutations(draw: st.DrawFn, data: bytes) -> bytes:
         if op == "flip" and out:
             out[at] ^= 1 << draw(st.integers(0, 7))
         elif op == "set" and out:
-            out[at] = draw(st.sampled_from([0x00, 0xFF, 0x7F, 0x80, ord("{"), ord('"')]))
+            out[at] = draw(st.sampled_from([0x00, 0xFF, 0x7F, 0x80, 0x30, 0x39, ord("{"),
+                                            ord('"'), ord("["), ord("\\")]))
         elif op == "insert":
             out[at:at] = draw(st.binary(min_size=1, max_size=16))
         elif op == "delete":

@@ -36,6 +36,7 @@ from protocol.signing import (
     save_private_key,
     sign_payload,
 )
+from tests.test_fuzz_codec import byte_mutations
 from tests.vectors.generate import VECTOR_DIR, WIRE_KEYS, describe, make_update
 
 NAMES = sorted(path.stem for path in VECTOR_DIR.glob("*.json"))
@@ -824,26 +825,6 @@ def test_status_mutations_get_the_reference_verdict(lib: ctypes.CDLL, data: st.D
         else:
             status[field] = data.draw(st.one_of(st.sampled_from(STATUS_VALUES[field]), NASTY))
     assert_same_verdict("status", (spaces + _dumps(status) + spaces).encode("utf-8", "replace"))
-
-
-@st.composite
-def byte_mutations(draw: st.DrawFn, data: bytes) -> bytes:
-    out = bytearray(data)
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
-        at = draw(st.integers(0, max(len(out) - 1, 0)))
-        if op == "flip" and out:
-            out[at] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set" and out:
-            out[at] = draw(st.sampled_from([0x00, 0xFF, 0x7F, 0x80, 0x30, 0x39, ord("{"),
-                                            ord('"'), ord("["), ord("\\")]))
-        elif op == "insert":
-            out[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del out[at : at + draw(st.integers(1, 8))]
-        elif op == "truncate":
-            del out[at:]
-    return bytes(out)
 
 
 @FUZZ

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -24,7 +23,12 @@ from protocol.codec import decode_status, decode_update, encode_global
 from protocol.manifest import load_manifest
 from protocol.messages import GlobalModel, TrainConfig
 from tests.conftest import run_rounds
-from tests.test_broker_crash import _aggregator, _receive, _run
+from tests.test_broker_crash import (
+    FED,
+    _receive,
+    broker_crashed_aggregator_back,
+    open_round_then_leave,
+)
 from tests.test_gateway_security import gateway, gateway_dir  # noqa: F401 - fixtures
 from transport import Received
 from transport.broker import Broker
@@ -218,39 +222,20 @@ def test_native_device_resends_its_update_after_a_broker_crash(
 ) -> None:
     # Prepare: round 0 open on a persisting broker, the aggregator gone; the native device
     # trains and its update waits at the broker
-    broker = Broker(prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
-    port = broker.port
-    observer = MqttTransport("127.0.0.1", port, "observer")
-    observer.start()
-    observer.subscribe(topics.global_topic("crash"))
-    coordinator, agg = _aggregator(port, cnn_artifacts, tmp_path / "agg")
-    stop, records = threading.Event(), []
-    first = _run(coordinator, stop, records)
-    _receive(observer, 1, 30)
-    stop.set()
-    first.join(10)
-    agg.stop()
-    observer.subscribe(topics.update_filter("crash"))
-    devices = [native_device(f"dev{i}", "crash", cnn_artifacts, _partition(tmp_path, i, 2), port,
-                             tmp_path / "dev") for i in range(2)]
+    broker, observer = open_round_then_leave(cnn_artifacts, tmp_path)
+    devices = [native_device(f"dev{i}", FED, cnn_artifacts, _partition(tmp_path, i, 2),
+                             broker.port, tmp_path / "dev") for i in range(2)]
     sent = [decode_update(p) for p in _receive(observer, 2, 60)]
     observer.stop()
 
     # Execute: the broker dies without saving (queue and retained global lost) and comes back;
     # the aggregator restarts from its store and republishes round 0
-    broker.kill()
-    broker = Broker(port=port, prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
-    coordinator, agg = _aggregator(port, cnn_artifacts, tmp_path / "agg")
-    stop, records = threading.Event(), []
-    second = _run(coordinator, stop, records)
     try:
-        second.join(90)
-        outputs = [d.communicate(timeout=30)[0] for d in devices]
+        with broker_crashed_aggregator_back(broker, cnn_artifacts, tmp_path) as (
+                coordinator, records, second):
+            second.join(90)
+            outputs = [d.communicate(timeout=30)[0] for d in devices]
     finally:
-        stop.set()
-        second.join(10)
-        agg.stop()
-        broker.stop()
         for d in devices:
             d.kill()
 

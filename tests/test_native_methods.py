@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from protocol.manifest import load_manifest
 from protocol.messages import TrainConfig
 from protocol.residual import dense_residual
 from protocol.tensors import is_personal
-from tests.conftest import run_rounds
+from tests.conftest import run_rounds, wait_for_round
 from tests.test_native_federation import native_device
 from transport.broker import Broker
 from transport.mqtt import MqttTransport
@@ -79,10 +78,7 @@ def test_native_devices_hold_the_exact_residual_and_a_late_one_catches_up(
     thread.start()
     runner = threading.Thread(target=coordinator.run, daemon=True)
     runner.start()
-    deadline = time.monotonic() + 120
-    while coordinator.round < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert coordinator.round == 2
+    assert wait_for_round(coordinator, 2, 120) == 2
 
     # Execute
     late = native_device("d2", FED, cnn_artifacts, partitions[1], mosquitto.port, state)

@@ -13,7 +13,7 @@ from safetensors.numpy import load, save
 
 from edge_client.data import LocalTask
 from edge_client.native import Buffer, NativeError, check, library, take, write_partition
-from edge_client.trainer import make_trainer
+from edge_client.trainer import Trainer, make_trainer
 from protocol.manifest import BASE_DELTA, load_manifest
 from protocol.tensors import TensorDict
 from workloads.registry import get_workload_data
@@ -119,6 +119,17 @@ def perturbed(adapter: TensorDict, seed: int) -> TensorDict:
             for k, v in adapter.items()}
 
 
+def same_start(native: Callable[..., Native], artifact_dir: Path,
+               seed: int) -> tuple[Trainer, Native, TensorDict]:
+    """The Python ExecuTorch trainer and a native one, both holding the same perturbed adapter."""
+    python = make_trainer("executorch", artifact_dir, LEARNING_RATE)
+    device = native(artifact_dir)
+    start = perturbed(python.get_adapter(), seed=seed)
+    python.set_adapter(start)
+    device.set_adapter(start)
+    return python, device, start
+
+
 def max_diff(a: TensorDict, b: TensorDict) -> float:
     assert set(a) == set(b)
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
@@ -126,11 +137,7 @@ def max_diff(a: TensorDict, b: TensorDict) -> float:
 
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_sgd_steps_give_the_python_losses_and_adapter(workload: str, artifacts, native) -> None:
-    python = make_trainer("executorch", artifacts[workload], LEARNING_RATE)
-    device = native(artifacts[workload])
-    start = perturbed(python.get_adapter(), seed=1)
-    python.set_adapter(start)
-    device.set_adapter(start)
+    python, device, start = same_start(native, artifacts[workload], seed=1)
     assert max_diff(device.get_adapter(), start) == 0.0
     for x, y in batches(workload, STEPS):
         want = python.train_step(x, y).loss
@@ -142,11 +149,7 @@ def test_sgd_steps_give_the_python_losses_and_adapter(workload: str, artifacts, 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_gradients_match_python(workload: str, artifacts, native) -> None:
-    python = make_trainer("executorch", artifacts[workload], LEARNING_RATE)
-    device = native(artifacts[workload])
-    start = perturbed(python.get_adapter(), seed=2)
-    python.set_adapter(start)
-    device.set_adapter(start)
+    python, device, start = same_start(native, artifacts[workload], seed=2)
     x, y = batches(workload, 1)[0]
     want_loss, want = python.gradients(x, y)
     loss, got = device.gradients(x, y)
@@ -160,11 +163,7 @@ def test_gradients_match_python(workload: str, artifacts, native) -> None:
 
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_a_class_mask_changes_the_loss_as_in_python(workload: str, artifacts, native) -> None:
-    python = make_trainer("executorch", artifacts[workload], LEARNING_RATE)
-    device = native(artifacts[workload])
-    start = perturbed(python.get_adapter(), seed=3)
-    python.set_adapter(start)
-    device.set_adapter(start)
+    python, device, _ = same_start(native, artifacts[workload], seed=3)
     # A batch of two classes only, masked to three: the other logits drop out of the softmax.
     data = get_workload_data(workload)
     test = data.test_data(400)
@@ -186,11 +185,7 @@ def test_a_class_mask_changes_the_loss_as_in_python(workload: str, artifacts, na
 
 
 def test_a_base_delta_matches_python(minilm_artifacts: Path, native) -> None:
-    python = make_trainer("executorch", minilm_artifacts, LEARNING_RATE)
-    device = native(minilm_artifacts)
-    start = perturbed(python.get_adapter(), seed=4)
-    python.set_adapter(start)
-    device.set_adapter(start)
+    python, device, _ = same_start(native, minilm_artifacts, seed=4)
     x, y = batches("minilm-fortunes", 1)[0]
     plain, _ = device.gradients(x, y)
     layer = next(s for s in load_manifest(minilm_artifacts).frozen_inputs if s.kind == BASE_DELTA)
@@ -260,11 +255,7 @@ def test_local_training_on_a_partition_file(workload: str, artifacts, lib, nativ
                                             tmp_path: Path) -> None:
     """read_partition + train_local: one pass over exactly one batch is that batch, in some
     order, so its loss and step are Python's on the same examples (a mean does not care)."""
-    python = make_trainer("executorch", artifacts[workload], LEARNING_RATE)
-    device = native(artifacts[workload])
-    start = perturbed(python.get_adapter(), seed=6)
-    python.set_adapter(start)
-    device.set_adapter(start)
+    python, device, _ = same_start(native, artifacts[workload], seed=6)
     x, y = batches(workload, 1)[0]
     path = write_partition(tmp_path / "one.safetensors", [LocalTask("", x, y)])
     loss, accuracy = run_partition(lib, device, path, None, 1, seed=7)

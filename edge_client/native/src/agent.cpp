@@ -14,11 +14,14 @@
 #include <set>
 #include <stdexcept>
 
+#include "quant.hpp"  // detail::shape_text
 #include "safetensors.hpp"
 
 namespace edgefl {
 
 namespace {
+
+using detail::shape_text;
 constexpr int kSessionExpiryS = 3600;  // the broker keeps our subscription and queue this long
 constexpr auto kAckTimeout = std::chrono::seconds(30);
 constexpr size_t kInboxMax = 16;  // globals supersede each other: the newest few are enough
@@ -48,18 +51,10 @@ uint64_t read_u64_be(const std::string& s, size_t at) {
   return v;
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "(";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + (shape.size() == 1 ? ",)" : ")");
-}
-
-bool is_personal_name(const Manifest& m, const std::string& name) { return m.is_personal(name); }
-
 TensorMap only(const TensorMap& tensors, bool personal, const Manifest& m) {
   TensorMap out;
   for (const auto& [k, v] : tensors)
-    if (is_personal_name(m, k) == personal) out.emplace(k, v);
+    if (m.is_personal(k) == personal) out.emplace(k, v);
   return out;
 }
 }  // namespace
@@ -204,7 +199,8 @@ void Agent::on_message(const std::string& topic, const std::string& payload) {
   cv_.notify_all();
 }
 
-bool Agent::publish(const std::string& topic, const std::string& payload, bool retain) {
+bool Agent::publish(const std::string& topic, const std::string& payload, bool retain,
+                    bool during_stop) {
   int mid = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -217,7 +213,7 @@ bool Agent::publish(const std::string& topic, const std::string& payload, bool r
     return false;
   }
   std::unique_lock<std::mutex> lock(mutex_);
-  bool ok = cv_.wait_for(lock, kAckTimeout, [&] { return acked_.count(mid) || stop_; });
+  bool ok = cv_.wait_for(lock, kAckTimeout, [&] { return acked_.count(mid) || (stop_ && !during_stop); });
   ok = ok && acked_.count(mid);
   acked_.erase(mid);
   return ok;
@@ -304,10 +300,7 @@ void Agent::stop() {
 
 void Agent::publish_offline() {
   // Clean shutdown: say offline ourselves (the will only fires on a lost connection).
-  bool was_stopping = stop_;
-  stop_ = false;  // let the PUBACK wait run
-  publish(status_topic_, encode_status(false, config_.device_id), true);
-  stop_ = was_stopping;
+  publish(status_topic_, encode_status(false, config_.device_id), true, /*during_stop=*/true);
   mosquitto_disconnect(mosq_);
   mosquitto_loop_stop(mosq_, false);
 }

@@ -65,7 +65,9 @@ class Agent {
 
   // connection
   void connect();
-  bool publish(const std::string& topic, const std::string& payload, bool retain);
+  // QoS 1, waiting for the PUBACK; a stop() ends the wait unless `during_stop`.
+  bool publish(const std::string& topic, const std::string& payload, bool retain,
+               bool during_stop = false);
   void subscribe(const std::string& topic);
   void unsubscribe(const std::string& topic);
   std::optional<GlobalModel> latest_global();

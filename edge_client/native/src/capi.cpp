@@ -4,7 +4,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "agent.hpp"
 #include "capi_util.hpp"
+#include "data.hpp"
 
 namespace edgefl {
 
@@ -56,8 +58,6 @@ void edgefl_buffer_free(edgefl_buffer* buffer) {
 
 // ---- device ------------------------------------------------------------------------------
 
-#include "agent.hpp"
-#include "data.hpp"
 
 struct edgefl_device {
   std::unique_ptr<edgefl::Agent> agent;

@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "quant.hpp"  // detail::shape_text
 #include "safetensors.hpp"
 
 namespace edgefl {
@@ -33,6 +34,7 @@ using executorch::extension::TensorPtr;
 using executorch::runtime::Error;
 using executorch::runtime::EValue;
 using executorch::runtime::Method;
+using detail::shape_text;
 
 // The training metadata methods exported next to "forward" (extension/training of ExecuTorch).
 const char* const kForward = "forward";
@@ -68,12 +70,6 @@ int64_t numel_of(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;
-}
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "(";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + ")";
 }
 
 std::vector<int64_t> shape_field(const nlohmann::json& value, const std::string& what) {
