@@ -301,10 +301,9 @@ class Coordinator:
         in one transaction; False if the state disk refused (the round then goes back to what
         the store holds, and the caller keeps those updates unacknowledged)."""
         self._group_ids.clear()
-        rows = [(h.accepted, h.kept) for h in group if h.accepted is not None]
-        if rows:
+        if any(h.accepted is not None for h in group):
             try:
-                self.store.accept_batch(rows, self.open, self.aggregator.snapshot())
+                group = self._write(group)
             except StorageError as exc:
                 self._storage_failed(exc)
                 # The aggregator already took the updates: rebuild it from what was stored.
@@ -319,6 +318,17 @@ class Coordinator:
                                 self.config.clients_per_round)
         self._refresh_snapshot()
         return True
+
+    def _write(self, group: list[_Handled]) -> list[_Handled]:
+        """Store the group's accepted updates with the round's totals and snapshot; return
+        the group as stored (a worker process may have to handle it again, see workers.py).
+
+        Raises:
+            StorageError: the database could not be written; nothing was changed.
+        """
+        rows = [(h.accepted, h.kept) for h in group if h.accepted is not None]
+        self.store.accept_batch(rows, self.open, self.aggregator.snapshot())
+        return group
 
     def _flush(self) -> None:
         """Commit the group, then acknowledge its messages in arrival order (the MQTT rule for
@@ -403,15 +413,19 @@ class Coordinator:
         )
 
     # -- main loop -------------------------------------------------------------------------
+    def _reported(self) -> int:
+        """How many updates the open round holds."""
+        return len(self.open.reported)
+
     def _round_complete(self) -> bool:
         """Whether the round closes now: every update it waits for, or its deadline and quorum
         (what _round_ready decides, without its logging and deadline extension)."""
-        reported = len(self.open.reported)
+        reported = self._reported()
         return reported >= self.config.clients_per_round or (
             reported >= self.config.min_clients and self.now() >= self._deadline)
 
     def _round_ready(self) -> bool:
-        reported = len(self.open.reported)
+        reported = self._reported()
         if reported >= self.config.clients_per_round:
             return True
         if self.now() < self._deadline:
@@ -473,10 +487,15 @@ class Coordinator:
             self._last_publish = self.now()
             logger.error("refusing to publish round %d: %s", self.round, exc)
 
+    def _subscriptions(self) -> tuple[str, ...]:
+        """The topic filters this process reads: every device's updates and statuses."""
+        f = self.config.federation
+        return topics.update_filter(f), topics.status_filter(f)
+
     def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
         """Run until `config.rounds` rounds are aggregated (or `stop()` is true)."""
-        self.transport.subscribe(topics.update_filter(self.config.federation), qos=1)
-        self.transport.subscribe(topics.status_filter(self.config.federation), qos=1)
+        for topic_filter in self._subscriptions():
+            self.transport.subscribe(topic_filter, qos=1)
         records: list[RoundRecord] = []
         if self._finished():
             self._log_stop()

@@ -35,6 +35,7 @@ from aggregator.strategies import (
     delta,
     fedavg,
     fedbuff_step,
+    merge,
     weighted_mean,
 )
 from protocol.tensors import TensorDict
@@ -99,6 +100,15 @@ class StreamingFamily:
     def restore(self, state: GlobalState, snapshot: TensorDict,
                 kept: list[Kept]) -> RoundAggregator:
         return _StreamingRound(state, _sum_restore(snapshot))
+
+    def merge(self, snapshots: Sequence[TensorDict]) -> TensorDict:
+        """One snapshot holding the sum of several partial sums' snapshots (from worker
+        processes or gateways): restoring it closes to the FedAvg of all their updates."""
+        acc: WeightedSum | None = None
+        for part in (_sum_restore(s) for s in snapshots):
+            if part is not None:
+                acc = part if acc is None else merge(acc, part)
+        return _sum_snapshot(acc)
 
     def exhausted(self, state: GlobalState) -> str | None:
         return None

@@ -101,6 +101,26 @@ ASYNC_STRATEGIES = ("fedavg", "flora", "colora")
 RESIDUAL_STRATEGIES = ("exact", "fed-talora")
 
 
+# Strategies whose round is one weighted sum, so partial sums from several worker processes or
+# gateways merge into exactly the round a single aggregator would have closed.
+MERGEABLE_STRATEGIES = ("fedavg", "flora", "colora")
+
+
+def check_mergeable(config: AggregatorConfig, how: str) -> None:
+    """Refuse a configuration whose rounds cannot be merged from partial sums (`how` names
+    the option that merges them, for the message).
+
+    Raises:
+        ValueError: a strategy outside MERGEABLE_STRATEGIES, or async mode.
+    """
+    if config.strategy not in MERGEABLE_STRATEGIES:
+        raise ValueError(f"{how} merges partial weighted sums, but {config.strategy} needs "
+                         f"every update of a round in one place: use "
+                         f"{', '.join(MERGEABLE_STRATEGIES)}, or run one aggregator")
+    if config.mode != "sync":
+        raise ValueError(f"{how} merges synchronous rounds: use --mode sync")
+
+
 def make_family(config: AggregatorConfig, manifest: Manifest) -> Family:
     """The family that runs `config.strategy`, after refusing settings it cannot honour.
 

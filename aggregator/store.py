@@ -25,6 +25,7 @@ from protocol.tensors import TensorDict
 DB_FILE = "aggregator.sqlite"
 # Bumped when the tables change; a state folder of another version is refused, not misread.
 SCHEMA_VERSION = 2
+BUSY_TIMEOUT_MS = 30_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS globals (
@@ -36,11 +37,27 @@ CREATE TABLE IF NOT EXISTS accepted (
     update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, device_id TEXT NOT NULL, -- or slot
     num_samples INTEGER NOT NULL, weight REAL NOT NULL, staleness INTEGER NOT NULL,
     adapter BLOB);
+-- A slot reports once per round, whichever worker process takes its update.
+CREATE UNIQUE INDEX IF NOT EXISTS accepted_slot ON accepted (round, device_id);
+-- Worker processes (aggregator.workers): each one's durable partial sum of each round.
+CREATE TABLE IF NOT EXISTS partials (
+    round INTEGER NOT NULL, worker TEXT NOT NULL, snapshot BLOB, weight REAL NOT NULL,
+    metric_sums TEXT NOT NULL, bytes INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (round, worker));
+CREATE TABLE IF NOT EXISTS worker_rejections (worker TEXT PRIMARY KEY, counts TEXT NOT NULL);
 """
 
 
 class StorageError(RuntimeError):
     """The state database could not be written (disk full, read-only, I/O error)."""
+
+
+class RoundClosed(RuntimeError):
+    """A worker's group came too late: the leader closed its round meanwhile."""
+
+
+class SlotTaken(RuntimeError):
+    """Another worker committed an update of the same slot (or the same id) first."""
 
 
 @dataclass
@@ -75,6 +92,8 @@ class GlobalStore:
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed update survives power loss
+        # Worker processes and their leader share the file: a writer waits for the lock.
+        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         (version,) = self.db.execute("PRAGMA user_version").fetchone()
         tables = self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
         if tables and version != SCHEMA_VERSION:
@@ -188,6 +207,90 @@ class GlobalStore:
                                    (round_number,)).fetchone()
         return int(count)
 
+    # -- worker processes (aggregator.workers) ----------------------------------------------
+    def latest_round(self) -> int | None:
+        """The round the newest stored global opens (cheap: workers ask after every group)."""
+        (value,) = self.db.execute("SELECT MAX(round) FROM globals").fetchone()
+        return None if value is None else int(value)
+
+    def slot_reported(self, round_number: int, slot: str) -> bool:
+        """Whether any worker counted an update of `slot` in `round_number`."""
+        return self.db.execute("SELECT 1 FROM accepted WHERE round = ? AND device_id = ?",
+                               (round_number, slot)).fetchone() is not None
+
+    def accept_partial(self, worker: str, updates: Sequence[tuple[Accepted, TensorDict | None]],
+                       state: OpenRound, snapshot: TensorDict, rejections: dict[str, int]) -> None:
+        """A worker's group commit: its accepted updates, its partial sum of the round after
+        them and its rejection counts, in one transaction that also checks the round is open.
+
+        Raises:
+            RoundClosed: the leader stored a newer global first; nothing was changed.
+            SlotTaken: another worker counted one of these slots or ids first; nothing changed.
+            StorageError: the database could not be written; nothing was changed.
+        """
+        rows = [(u.update_id, state.round, u.slot, u.num_samples, u.weight, u.staleness,
+                 None if kept is None else _blob(kept)) for u, kept in updates]
+        with self._transaction():
+            latest = self.latest_round()
+            if latest != state.round:
+                raise RoundClosed(f"round {state.round} closed (the state is at {latest})")
+            try:
+                self.db.executemany("INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            except sqlite3.IntegrityError as exc:
+                raise SlotTaken(str(exc)) from exc
+            # `count` adds up here: a restarted worker's `reported` holds only its new slots.
+            self.db.execute(
+                "INSERT INTO partials VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (round, worker) "
+                "DO UPDATE SET snapshot = excluded.snapshot, weight = excluded.weight, "
+                "metric_sums = excluded.metric_sums, bytes = excluded.bytes, "
+                "count = count + excluded.count",
+                (state.round, worker, _blob(snapshot) if snapshot else None, state.weight,
+                 json.dumps(state.metric_sums), state.bytes, len(rows)))
+            self.db.execute("INSERT OR REPLACE INTO worker_rejections VALUES (?, ?)",
+                            (worker, json.dumps(rejections)))
+
+    def record_rejections(self, worker: str, rejections: dict[str, int]) -> None:
+        """A worker's rejection counts (reason -> how many), for the leader's status page.
+
+        Raises:
+            StorageError: the database could not be written.
+        """
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO worker_rejections VALUES (?, ?)",
+                            (worker, json.dumps(rejections)))
+
+    def partial(self, round_number: int, worker: str) -> tuple[OpenRound, TensorDict] | None:
+        """One worker's totals and partial-sum snapshot of `round_number`, if it stored any
+        (`reported` stays empty: which slots reported is the accepted table's, for all)."""
+        row = self.db.execute("SELECT snapshot, weight, metric_sums, bytes, count FROM partials "
+                              "WHERE round = ? AND worker = ?", (round_number, worker)).fetchone()
+        if row is None:
+            return None
+        snapshot, weight, metric_sums, nbytes, _ = row
+        state = OpenRound(round_number, float(weight), json.loads(metric_sums), int(nbytes))
+        return state, ({} if snapshot is None else load_tensors(snapshot))
+
+    def partials(self, round_number: int) -> list[tuple[OpenRound, TensorDict]]:
+        """Every worker's totals and snapshot of `round_number` (for the leader's merge)."""
+        workers = [w for (w,) in self.db.execute(
+            "SELECT worker FROM partials WHERE round = ? ORDER BY worker", (round_number,))]
+        found = (self.partial(round_number, w) for w in workers)
+        return [p for p in found if p is not None]
+
+    def reported(self, round_number: int) -> dict[str, str]:
+        """Slot -> update id of every update counted in `round_number`, by any worker."""
+        return dict(self.db.execute("SELECT device_id, update_id FROM accepted WHERE round = ? "
+                                    "ORDER BY rowid", (round_number,)).fetchall())
+
+    def worker_rejections(self) -> dict[str, dict[str, int]]:
+        """Worker -> its rejection counts (reason -> how many), as it last committed them."""
+        return {w: json.loads(c) for w, c in self.db.execute(
+            "SELECT worker, counts FROM worker_rejections ORDER BY worker")}
+
+    def transaction(self) -> _Transaction:
+        """One write transaction around several calls (calls inside it join it)."""
+        return _Transaction(self.db)
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
 
@@ -202,14 +305,20 @@ class _Transaction:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.nested = False
 
     def __enter__(self) -> None:
+        if self.db.in_transaction:  # inside an outer transaction: that one commits
+            self.nested = True
+            return
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot write the state database: {exc}") from exc
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        if self.nested:
+            return False
         try:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         except sqlite3.Error as failure:

@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -137,8 +138,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from safetensors.numpy import load_file
 
     from aggregator.coordinator import AggregatorConfig, Coordinator
-    from aggregator.registry import make_family
+    from aggregator.registry import check_mergeable, make_family
     from aggregator.store import GlobalStore, StorageError
+    from aggregator.workers import MergingLeader, Supervisor
     from protocol.manifest import load_manifest
     from protocol.messages import TrainConfig
     from transport import TransportError
@@ -158,10 +160,22 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         task_schedule=task_schedule(args), rounds_per_task=args.rounds_per_task,
     )
     manifest = load_manifest(artifacts)
+    workers = args.workers or args.worker_index is not None
     try:
         make_family(config, manifest)  # refuse a broken combination before touching anything
+        if workers:
+            check_mergeable(config, "--workers")
     except ValueError as exc:
         raise SystemExit(f"edgefl: {exc}") from exc
+    if args.workers < 0:
+        raise SystemExit(f"edgefl: --workers must be 0 (one process) or more, got {args.workers}")
+    if workers and args.gateway:
+        raise SystemExit("edgefl: --workers needs one broker identity per worker, and the "
+                         "gateway's broker takes one connection per certificate (`edgefl "
+                         "gateway init` issues one aggregator identity): run them on a plain "
+                         "listener for now")
+    if args.worker_index is not None:
+        return _run_worker(args, config, manifest, artifacts, window_bytes)
     secure = _gateway_connection(args, AGGREGATOR_ID)
     registry = None
     if args.gateway:
@@ -194,15 +208,21 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
                 from exc
     # Persistent session + manual acks: updates sent while the aggregator is down, or received
     # but not yet committed when it died, are delivered again when it comes back.
-    transport = MqttTransport(secure["host"], secure["port"], f"aggregator-{args.federation}",
+    client_id = f"aggregator-{args.federation}" + ("-leader" if workers else "")
+    transport = MqttTransport(secure["host"], secure["port"], client_id,
                               persistent_session=True, manual_ack=True, tls=secure["tls"],
                               window_bytes=window_bytes)
+    supervisor = None
     try:
         store = GlobalStore(Path(args.state_dir) / args.federation)
         transport.start()
-        coordinator = Coordinator(config, manifest,
-                                  load_file(str(artifacts / manifest.files["adapter_init"])),
-                                  transport, store, registry=registry)
+        kind = MergingLeader if workers else Coordinator
+        coordinator = kind(config, manifest,
+                           load_file(str(artifacts / manifest.files["adapter_init"])),
+                           transport, store, registry=registry)
+        if workers:  # started once round 0's global is stored: they follow the state from it
+            supervisor = Supervisor(partial(_worker_command, args, artifacts), args.workers)
+            supervisor.start()
     except (ValueError, OSError, StorageError, sqlite3.Error, TransportError) as exc:
         if status is not None:
             status.stop()
@@ -213,15 +233,58 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         print(report, flush=True)
     if status is not None:
         print(f"status page: {status.url}", flush=True)
+    def tend_workers() -> bool:  # the run loop's stop check doubles as the supervisor's tick
+        if supervisor is not None:
+            supervisor.poll()
+        return False
+
     try:
-        for record in coordinator.run():
+        for record in coordinator.run(tend_workers):
             # FL-TAC counts task slots (a multi-task device sends one update per task)
             unit = "task slots" if coordinator.family.task_slots else "devices"
             print(f"round {record.round}: {len(record.devices)} {unit}, {record.samples} samples,"
                   f" metrics {record.metrics}")
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         if status is not None:
             status.stop()
+        transport.stop()
+    return 0
+
+
+def _worker_command(args: argparse.Namespace, artifacts: Path, index: int) -> list[str]:
+    """The command line of worker `index`: the leader's own, for that worker's part."""
+    return [sys.executable, "-m", "edgefl", *args.argv, "--artifacts", str(artifacts),
+            "--worker-index", str(index)]
+
+
+def _run_worker(args: argparse.Namespace, config: object, manifest: object, artifacts: Path,
+                window_bytes: int) -> int:
+    """One worker process of `edgefl aggregator --workers N` (started by the leader)."""
+    from safetensors.numpy import load_file
+
+    from aggregator.store import GlobalStore, StorageError
+    from aggregator.workers import IngestWorker
+    from transport import TransportError
+    from transport.mqtt import MqttTransport
+
+    name = f"w{args.worker_index}"
+    transport = MqttTransport(args.host, args.port, f"aggregator-{args.federation}-{name}",
+                              persistent_session=True, manual_ack=True,
+                              window_bytes=window_bytes)
+    try:
+        store = GlobalStore(Path(args.state_dir) / args.federation)
+        transport.start()
+        worker = IngestWorker(config, manifest,
+                              load_file(str(artifacts / manifest.files["adapter_init"])),
+                              transport, store, worker=name)
+    except (ValueError, OSError, StorageError, sqlite3.Error, TransportError) as exc:
+        transport.stop()
+        raise SystemExit(f"edgefl: worker {name}: {exc}") from exc
+    try:
+        worker.run()
+    finally:
         transport.stop()
     return 0
 
@@ -418,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-mib", type=float, default=WINDOW_BYTES / 2**20,
                    help="received updates held in memory before the aggregator stops reading "
                         "from the broker, which keeps the rest (default %(default)g)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="N worker processes take the updates through an MQTT 5 shared "
+                        "subscription and this one merges their partial sums (fedavg, flora, "
+                        "colora; default 0: this process does it all)")
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     method_args(p)
     p.set_defaults(func=cmd_aggregator)
 
@@ -489,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `edgefl` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # workers are started with it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
     if not args.verbose:  # -v shows the libraries' own warnings too
         # Only the commands that train or export load the runtimes; the gateway's stay lean.

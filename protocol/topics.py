@@ -41,6 +41,12 @@ def update_filter(federation: str) -> str:
     return _all_devices(federation, "update")
 
 
+def shared_update_filter(federation: str, group: str) -> str:
+    """MQTT 5 shared subscription to every device's update: the broker hands each update to
+    one member of `group` (the aggregator's worker processes)."""
+    return f"$share/{_check_segment(group, 'group')}/{update_filter(federation)}"
+
+
 def status_topic(federation: str, device_id: str) -> str:
     """Retained: a device's online/offline status (offline is its MQTT last will)."""
     return _device_topic(federation, "status", device_id)

@@ -1,0 +1,218 @@
+"""Worker processes on one broker (aggregator.workers): partial sums folded durably by several
+workers merge into exactly the round one aggregator would close; races between workers and with
+the leader's close are settled by the shared state database; a SIGKILLed worker loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from aggregator.coordinator import AggregatorConfig
+from aggregator.store import DB_FILE, GlobalStore
+from aggregator.strategies import fedavg
+from aggregator.workers import IngestWorker, MergingLeader
+from protocol import codec, topics
+from protocol.manifest import load_manifest
+from protocol.messages import Update
+from tests.test_group_commit import _wait
+from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
+from tests.test_storage_faults import QueueTransport
+from transport.broker import Broker
+from transport.mqtt import MqttTransport
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _config(**fields: object) -> AggregatorConfig:
+    base: dict[str, object] = dict(federation=FED, rounds=3, clients_per_round=3, min_clients=3)
+    return AggregatorConfig(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def _gateway(folder: Path, workers: int = 2, **fields: object
+             ) -> tuple[MergingLeader, list[IngestWorker]]:
+    """A leader and `workers` workers on one state folder, each with its own connection."""
+    config = _config(**fields)
+    leader = MergingLeader(config, MANIFEST, ZERO, QueueTransport(), GlobalStore(folder))
+    return leader, [IngestWorker(config, MANIFEST, ZERO, QueueTransport(), GlobalStore(folder),
+                                 worker=f"w{i}") for i in range(workers)]
+
+
+def _message(device: str, value: float, samples: int, round_number: int = 0,
+             update_id: str | None = None) -> Message:
+    update = Update(FED, round_number, device, MANIFEST.sha256, samples,
+                    update_id or uuid.uuid4().hex, _full(value))
+    return Message(topics.update_topic(FED, device), codec.encode_update(update))
+
+
+def test_the_leader_merges_the_workers_partial_sums_exactly(tmp_path: Path) -> None:
+    leader, (a, b) = _gateway(tmp_path)
+    assert a.handle(_message("d1", 1.0, 10))
+    assert b.handle(_message("d2", 4.0, 30))
+    assert b.handle(_message("d3", -2.0, 20))
+    assert leader._round_ready()
+    record = leader._close_round()
+    # FedAvg by samples: (10·1 + 30·4 + 20·(−2)) / 60 = 90 / 60 = 1.5 in every entry.
+    assert record.devices == ("d1", "d2", "d3") and record.samples == 60
+    for value in leader.adapter.values():
+        np.testing.assert_allclose(value, 1.5, rtol=1e-7)
+    stored = GlobalStore(tmp_path).latest()
+    assert stored is not None and stored[0] == 1
+
+
+def test_a_slot_counts_once_whichever_worker_takes_it(tmp_path: Path) -> None:
+    leader, (a, b) = _gateway(tmp_path)
+    resend = _message("d1", 1.0, 10, update_id="same-id")
+    assert a.handle(resend)
+    assert b.handle(resend)  # the same bytes redelivered to the other worker
+    assert b.handle(_message("d1", 9.0, 10))  # the same device's second, different update
+    assert b.rejections == {"duplicate": 1, "duplicate-device": 1}
+    assert GlobalStore(tmp_path).accepted_count(0) == 1
+    leader._round_ready()
+    assert leader.snapshot().rejections == {"duplicate": 1, "duplicate-device": 1}
+
+
+def test_a_commit_that_loses_the_race_is_handled_again(tmp_path: Path) -> None:
+    leader, (a, b) = _gateway(tmp_path, clients_per_round=2, min_clients=1)
+    a.handle(_message("d1", 1.0, 10))
+    # b folded d1's second update before a committed its first: its commit must fail on the
+    # shared slot, and the update be judged again against the stored state.
+    b._fold(_message("d1", 2.0, 10))
+    group, b._group = b._group, []
+    assert b._commit(group)
+    assert b.rejections["duplicate-device"] == 1 and b.open.weight == 0
+    # b folds d2 for round 0, but the leader closes round 0 before b commits it.
+    b._fold(_message("d2", 3.0, 10))
+    group, b._group = b._group, []
+    leader._round_ready()
+    leader._close_round()
+    assert b._commit(group)
+    assert b.rejections["stale-round"] == 1 and b.round == 1
+    np.testing.assert_allclose(leader.adapter["head.bias"], 1.0)  # d1 alone made round 0
+
+
+def test_a_restarted_worker_resumes_its_partial_sum(tmp_path: Path) -> None:
+    leader, (a, _) = _gateway(tmp_path)
+    a.handle(_message("d1", 2.0, 10))
+    a.handle(_message("d2", 5.0, 20))
+    again = IngestWorker(_config(), MANIFEST, ZERO, QueueTransport(), GlobalStore(tmp_path),
+                         worker="w0")
+    assert again.open.weight == 30
+    again.handle(_message("d3", 8.0, 30))
+    leader._round_ready()
+    leader._close_round()
+    # (10·2 + 20·5 + 30·8) / 60 = 360 / 60 = 6
+    np.testing.assert_allclose(leader.adapter["fc1.lora_A.weight"], 6.0)
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "trimmed_mean", "exact", "dp-fedavg"])
+def test_strategies_that_need_every_update_are_refused(tmp_path: Path, strategy: str) -> None:
+    with pytest.raises(ValueError, match="merges partial weighted sums"):
+        _gateway(tmp_path, strategy=strategy, clip_norm=1.0, dp_noise_multiplier=1.0,
+                 min_clients=3, trim_beta=0.34)
+
+
+# -- through the real CLI: `edgefl aggregator --workers 2`, a worker SIGKILLed ---------------
+KILL_FED = "sharedkill"
+BURST = 200
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _accepted(state: Path) -> int:
+    path = state / KILL_FED / DB_FILE
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path) as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM accepted").fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    return int(count)
+
+
+def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
+        mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+    rng = np.random.default_rng(2)
+    sent = [Update(KILL_FED, 0, f"d{i:03d}", manifest.sha256, int(rng.integers(32, 640)),
+                   uuid.uuid4().hex,
+                   {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()})
+            for i in range(BURST)]
+    payloads = [(topics.update_topic(KILL_FED, u.device_id), codec.encode_update(u)) for u in sent]
+    device = MqttTransport(mosquitto.host, mosquitto.port, "shared-devices")
+    device.start()
+    watcher = MqttTransport(mosquitto.host, mosquitto.port, "shared-watcher")
+    watcher.start()
+    watcher.subscribe(topics.global_topic(KILL_FED))
+    state = tmp_path / "state"
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "aggregator", "--host", mosquitto.host,
+         "--port", str(mosquitto.port), "--federation", KILL_FED, "--artifacts",
+         str(cnn_artifacts), "--rounds", "1", "--clients-per-round", str(BURST),
+         "--min-clients", str(BURST), "--deadline", "600", "--state-dir", str(state),
+         "--window-mib", "0.25", "--workers", "2"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed: list[int] = []
+    try:
+        assert _wait(lambda: watcher.receive(0.5) is not None, 60)  # round 0 is open
+        assert _wait(lambda: len(_children(leader.pid)) == 2, 30)
+        time.sleep(2.0)  # both workers subscribed (each connects, then subscribes)
+        for topic, payload in payloads:
+            device.publish(topic, payload)
+        for topic, payload in payloads[:10]:  # devices resending the same bytes
+            device.publish(topic, payload)
+        assert _wait(lambda: _accepted(state) >= 20 or leader.poll() is not None, 60)
+        if leader.poll() is None:
+            victim = _children(leader.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+        final = None
+        deadline = time.monotonic() + 90
+        while final is None and time.monotonic() < deadline:
+            message = watcher.receive(1)
+            if message is not None and (g := codec.decode_global(message.payload)).final:
+                final = g
+        leader.wait(30)
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
+        device.stop()
+        watcher.stop()
+    stderr = leader.stderr.read().decode() if leader.stderr else ""
+    assert leader.returncode == 0, stderr
+    assert killed and "restarting it" in stderr, stderr
+    assert final is not None and final.round == 1
+    expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
+    for name in expected:
+        np.testing.assert_allclose(final.adapter[name], expected[name], rtol=1e-6, atol=1e-7)
+    with sqlite3.connect(state / KILL_FED / DB_FILE) as db:
+        assert db.execute("SELECT COUNT(*) FROM accepted").fetchone() == (BURST,)
+        counts = dict(db.execute("SELECT worker, count FROM partials WHERE round = 0"))
+    assert set(counts) == {"w0", "w1"} and min(counts.values()) > 0, counts
+    assert sum(counts.values()) == BURST
+
+
+def test_workers_with_a_strategy_that_cannot_merge_is_one_line(tmp_path: Path,
+                                                                 cnn_artifacts: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "aggregator", "--port", "1", "--artifacts",
+         str(cnn_artifacts), "--workers", "2", "--strategy", "fedmedian",
+         "--state-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fedmedian needs every update of a round" in lines[0], lines
