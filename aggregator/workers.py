@@ -100,6 +100,8 @@ class IngestWorker(Coordinator):
         """Fold updates until the federation's last round is closed (or `stop()`)."""
         for topic_filter in self._subscriptions():
             self.transport.subscribe(topic_filter, qos=1)
+        # Our row in the store says we subscribed (tests and benchmarks wait for every worker's).
+        self.store.record_rejections(self.worker, dict(self.rejections))
         while not stop() and not self._finished():
             message = self.transport.receive(timeout=0 if self._group else POLL_S)
             if self.store.latest_round() != self.round:  # the leader closed our round

@@ -143,6 +143,17 @@ def _accepted(state: Path) -> int:
     return int(count)
 
 
+def _ready(state: Path) -> int:
+    """How many workers have subscribed (each writes its row in the store once it has)."""
+    path = state / KILL_FED / DB_FILE
+    try:
+        with sqlite3.connect(path) as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM worker_rejections").fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    return int(count)
+
+
 def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
         mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path) -> None:
     manifest = load_manifest(cnn_artifacts)
@@ -169,8 +180,8 @@ def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
     killed: list[int] = []
     try:
         assert _wait(lambda: watcher.receive(0.5) is not None, 60)  # round 0 is open
-        assert _wait(lambda: len(_children(leader.pid)) == 2, 30)
-        time.sleep(2.0)  # both workers subscribed (each connects, then subscribes)
+        assert _wait(lambda: _ready(state) == 2, 60)  # both workers subscribed
+        time.sleep(0.5)  # the broker has handled the SUBSCRIBE sent before that row
         for topic, payload in payloads:
             device.publish(topic, payload)
         for topic, payload in payloads[:10]:  # devices resending the same bytes
