@@ -54,13 +54,15 @@ def _next(state: GlobalState, adapter: TensorDict, **changes: object) -> GlobalS
                    **{"residual_step": {}, **changes})
 
 
-def _sum_snapshot(acc: WeightedSum | None) -> TensorDict:
+def sum_snapshot(acc: WeightedSum | None) -> TensorDict:
+    """A running sum as tensors (how the store keeps it); {} for no sum yet."""
     if acc is None:
         return {}
     return {**acc.sums, _WEIGHT: np.array(acc.weight), _COUNT: np.array(float(acc.count))}
 
 
-def _sum_restore(snapshot: TensorDict) -> WeightedSum | None:
+def sum_restore(snapshot: TensorDict) -> WeightedSum | None:
+    """Inverse of sum_snapshot."""
     if not snapshot:
         return None
     sums = {k: v for k, v in snapshot.items() if k not in (_WEIGHT, _COUNT)}
@@ -78,7 +80,7 @@ class _StreamingRound:
         return None
 
     def snapshot(self) -> TensorDict:
-        return _sum_snapshot(self.acc)
+        return sum_snapshot(self.acc)
 
     def close(self) -> GlobalState:
         assert self.acc is not None
@@ -99,16 +101,16 @@ class StreamingFamily:
 
     def restore(self, state: GlobalState, snapshot: TensorDict,
                 kept: list[Kept]) -> RoundAggregator:
-        return _StreamingRound(state, _sum_restore(snapshot))
+        return _StreamingRound(state, sum_restore(snapshot))
 
     def merge(self, snapshots: Sequence[TensorDict]) -> TensorDict:
         """One snapshot holding the sum of several partial sums' snapshots (from worker
         processes or gateways): restoring it closes to the FedAvg of all their updates."""
         acc: WeightedSum | None = None
-        for part in (_sum_restore(s) for s in snapshots):
+        for part in (sum_restore(s) for s in snapshots):
             if part is not None:
                 acc = part if acc is None else merge(acc, part)
-        return _sum_snapshot(acc)
+        return sum_snapshot(acc)
 
     def exhausted(self, state: GlobalState) -> str | None:
         return None
@@ -271,7 +273,7 @@ class _DPRound:
         return None
 
     def snapshot(self) -> TensorDict:
-        return _sum_snapshot(self.clipped)
+        return sum_snapshot(self.clipped)
 
     def close(self) -> GlobalState:
         assert self.clipped is not None
@@ -306,7 +308,7 @@ class DPFamily:
 
     def restore(self, state: GlobalState, snapshot: TensorDict,
                 kept: list[Kept]) -> RoundAggregator:
-        return _DPRound(state, self, _sum_restore(snapshot))
+        return _DPRound(state, self, sum_restore(snapshot))
 
     def exhausted(self, state: GlobalState) -> str | None:
         if self.max_epsilon is None:

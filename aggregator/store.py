@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS partials (
     round INTEGER NOT NULL, worker TEXT NOT NULL, snapshot BLOB, weight REAL NOT NULL,
     metric_sums TEXT NOT NULL, bytes INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (round, worker));
+-- A gateway under an upstream aggregator (aggregator.tiers): rounds whose partial sum it sent.
+CREATE TABLE IF NOT EXISTS sealed (round INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS worker_rejections (worker TEXT PRIMARY KEY, counts TEXT NOT NULL);
 """
 
@@ -286,6 +288,21 @@ class GlobalStore:
         """Worker -> its rejection counts (reason -> how many), as it last committed them."""
         return {w: json.loads(c) for w, c in self.db.execute(
             "SELECT worker, counts FROM worker_rejections ORDER BY worker")}
+
+    # -- a gateway under an upstream aggregator (aggregator.tiers) --------------------------
+    def seal(self, round_number: int) -> None:
+        """Record that `round_number` takes no more updates: its partial sum went upstream.
+
+        Raises:
+            StorageError: the database could not be written.
+        """
+        with self._transaction():
+            self.db.execute("INSERT OR IGNORE INTO sealed VALUES (?)", (round_number,))
+
+    def is_sealed(self, round_number: int) -> bool:
+        """Whether `round_number` was sealed."""
+        return self.db.execute("SELECT 1 FROM sealed WHERE round = ?",
+                               (round_number,)).fetchone() is not None
 
     def transaction(self) -> _Transaction:
         """One write transaction around several calls (calls inside it join it)."""

@@ -17,8 +17,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
-from aggregator.coordinator import BATCH_MAX, POLL_S, RETRY_STORAGE_S, Coordinator, Rejected, \
-    RoundRecord, _Handled
+from aggregator.coordinator import (
+    BATCH_MAX,
+    POLL_S,
+    RETRY_STORAGE_S,
+    Coordinator,
+    Rejected,
+    RoundRecord,
+    _Handled,
+)
 from aggregator.registry import check_mergeable
 from aggregator.rounds import GlobalState, RoundAggregator
 from aggregator.store import OpenRound, RoundClosed, SlotTaken, StorageError

@@ -5,19 +5,26 @@
 `--workload` takes one workload or a comma-separated list (one JSON object either way: several
 workloads sit under "workloads"). `--burst N` also publishes N updates at once to a fresh
 aggregator and reports its peak RSS above idle: the receive window must hold it under
-BURST_TARGET_MIB, and every update must be accepted (nothing dropped).
+BURST_TARGET_MIB, and every update must be accepted (nothing dropped). `--workers 0,1,2,4` also
+runs the real `edgefl aggregator --workers W` as a child for each W, each run paired with a raw
+subscriber run on the same broker, and reports its rate, its ratio to raw and the CPU per update
+of its whole process tree (leader and workers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import queue
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,10 @@ from bench._common import (
 
 READY = "ready"
 CHILD_TIMEOUT_S = 600.0
+START_TIMEOUT_S = 120.0  # `edgefl aggregator` up: round 0's global out, every worker subscribed
+EXIT_TIMEOUT_S = 60.0  # from its final global to the leader's exit (it stops its workers first)
+EXITED_GRACE_S = 5.0  # how long a global may still arrive after the aggregator exited
+SUBSCRIBE_SETTLE_S = 0.5  # a worker records its row right after sending SUBSCRIBE, not on SUBACK
 BURST_TARGET_MIB = 64.0  # the aggregator's peak RSS above idle under a burst (issue target)
 
 
@@ -177,9 +188,6 @@ def run_once(port: int, mode: str, payloads: list[tuple[str, bytes]], federation
     its persistent session outlives it, and the broker keeps queueing that federation's updates.
     With `pace_per_s`, updates are sent at that rate instead of all at once.
     """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     command = [sys.executable, "-m", "bench.ingest", "--child", mode, "--port", str(port),
                "--federation", federation, "--updates", str(len(payloads)),
                "--artifacts", str(artifacts), "--strategy", strategy]
@@ -188,21 +196,198 @@ def run_once(port: int, mode: str, payloads: list[tuple[str, bytes]], federation
     if child.stdout.readline().strip() != READY:
         child.kill()
         raise RuntimeError(f"{mode} consumer did not start")
-    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{federation}",
-                            protocol=mqtt.MQTTv5)
-    publisher.connect("127.0.0.1", port)
-    publisher.loop_start()
-    started = time.monotonic()
-    for i, (topic, payload) in enumerate(payloads):
-        if pace_per_s:
-            time.sleep(max(0.0, started + i / pace_per_s - time.monotonic()))
-        publisher.publish(topic, payload, qos=1)
+    publisher = _connect(port, f"pub-{federation}")
+    started = _publish(publisher, payloads, pace_per_s)
     out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
     publisher.disconnect()
     publisher.loop_stop()
     figures = json.loads(out.strip().splitlines()[-1])
     elapsed = float(figures.pop("done")) - started
     return figures | {"seconds": elapsed, "updates_per_s": len(payloads) / elapsed}
+
+
+def _connect(port: int, client_id: str) -> Any:
+    """A paho MQTT 5 client connected to the local broker, its network loop running."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def _publish(publisher: Any, payloads: list[tuple[str, bytes]], pace_per_s: float | None = None
+             ) -> float:
+    """Publish every payload with QoS 1 (at `pace_per_s`, or all at once); when it started."""
+    started = time.monotonic()
+    for i, (topic, payload) in enumerate(payloads):
+        if pace_per_s:
+            time.sleep(max(0.0, started + i / pace_per_s - time.monotonic()))
+        publisher.publish(topic, payload, qos=1)
+    return started
+
+
+# -- `edgefl aggregator --workers W`: the real CLI, leader and workers, as a child -------------
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds process `pid` has used so far, all its threads, dead ones included."""
+    # Linux's clock id for another process's CPU-time clock (CPUCLOCK_SCHED, as glibc's
+    # clock_getcpuclockid makes it): nanoseconds, the same sum that wait4's rusage reports.
+    return time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (the leader's workers), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _count(db: Path, query: str) -> int | None:
+    """`SELECT COUNT(*)` on the aggregator's state database; None while it is not there yet."""
+    if not db.exists():  # connecting would create an empty file under the starting leader
+        return None
+    connection = sqlite3.connect(db, timeout=5)
+    try:
+        return int(connection.execute(query).fetchone()[0])
+    except sqlite3.OperationalError:  # the leader has not made the tables yet
+        return None
+    finally:
+        connection.close()
+
+
+class _GlobalWatcher:
+    """Subscribed to a federation's global topic: each global decoded, with its arrival time."""
+
+    def __init__(self, port: int, federation: str) -> None:
+        from protocol import topics
+
+        self.globals: queue.Queue[tuple[float, Any]] = queue.Queue()
+        subscribed = threading.Event()
+        self.client = _connect(port, f"watch-{federation}")
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.subscribe(topics.global_topic(federation), qos=1)
+        if not subscribed.wait(30):
+            raise RuntimeError("the global watcher could not subscribe")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        from protocol.codec import decode_global
+
+        self.globals.put((time.monotonic(), decode_global(msg.payload)))
+
+    def wait_for(self, round_number: int, final: bool, alive: Callable[[], bool],
+                 timeout: float) -> float:
+        """When the global of `round_number` (final or not) arrived; `alive()` false: give up."""
+        deadline, exited = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                arrived, model = self.globals.get(timeout=0.2)
+            except queue.Empty:
+                # The leader may exit as soon as the broker has its final global, before the
+                # broker has passed it on to us: give up only a while after it is gone.
+                if not alive():
+                    exited = exited or time.monotonic()
+                    if time.monotonic() - exited > EXITED_GRACE_S:
+                        raise RuntimeError("the aggregator exited early") from None
+                continue
+            if model.round == round_number and model.final == final:
+                return arrived
+        raise RuntimeError(f"no global of round {round_number} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _wait_exit(child: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
+    """Reap the child: its exit code and the CPU seconds of it and every child it reaped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # wait4's rusage is the child's own plus that of the children it waited for: the
+        # leader waits for its workers (Supervisor.stop) before it exits, so they are in it.
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            child.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+            return child.returncode, usage.ru_utime + usage.ru_stime
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    raise RuntimeError(f"the aggregator did not exit within {timeout:.0f} s of its final global")
+
+
+def run_cli(port: int, payloads: list[tuple[str, bytes]], federation: str, artifacts: Path,
+            workers: int) -> dict[str, Any]:
+    """Start `edgefl aggregator --workers W` for one round of every payload, publish them (QoS 1)
+    and time until its final global reaches a subscriber; check it accepted them all."""
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-cli-") as tmp:
+        state, log_path = Path(tmp) / "state", Path(tmp) / "aggregator.log"
+        db = state / federation / "aggregator.sqlite"
+        n = str(len(payloads))
+        command = [sys.executable, "-m", "edgefl", "aggregator", "--host", "127.0.0.1",
+                   "--port", str(port), "--federation", federation, "--artifacts",
+                   str(artifacts), "--rounds", "1", "--clients-per-round", n,
+                   "--min-clients", n, "--deadline", str(CHILD_TIMEOUT_S), "--state-dir",
+                   str(state), "--workers", str(workers)]
+        watcher = _GlobalWatcher(port, federation)
+        with open(log_path, "wb") as log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            return _drive_cli(port, payloads, federation, workers, child, watcher, db, log_path)
+        except Exception as exc:
+            if child.returncode is None:
+                child.kill()
+                child.wait()
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"edgefl aggregator --workers {workers}: {exc}\n{tail}") from exc
+        finally:
+            watcher.stop()
+
+
+def _drive_cli(port: int, payloads: list[tuple[str, bytes]], federation: str, workers: int,
+               child: subprocess.Popen[bytes], watcher: _GlobalWatcher, db: Path,
+               log_path: Path) -> dict[str, Any]:
+    """run_cli's measurement, once the child is started: wait until ready, publish, time, check."""
+    def alive() -> bool:  # without reaping it (as Popen.poll would): wait4 needs its rusage
+        return os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+    # Ready: round 0's global is out (the leader, or the single aggregator after subscribing on
+    # the same connection, so its subscription is live) and every worker has its row.
+    watcher.wait_for(0, False, alive, START_TIMEOUT_S)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while workers and _count(db, "SELECT COUNT(*) FROM worker_rejections") != workers:
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError("the workers did not all subscribe")
+        time.sleep(0.05)
+    time.sleep(SUBSCRIBE_SETTLE_S if workers else 0.1)
+    processes = [child.pid, *_children(child.pid)]
+    if len(processes) != 1 + workers:
+        raise RuntimeError(f"expected the leader and {workers} workers, found {processes}")
+    # What the processes spent starting up (imports, connecting) is not the round's.
+    idle_cpu = sum(_process_cpu_s(pid) for pid in processes)
+    publisher = _connect(port, f"pub-{federation}")
+    started = _publish(publisher, payloads)
+    finished = watcher.wait_for(1, True, alive, CHILD_TIMEOUT_S)
+    publisher.disconnect()
+    publisher.loop_stop()
+    code, total_cpu = _wait_exit(child, EXIT_TIMEOUT_S)
+    if code != 0:
+        raise RuntimeError(f"exit code {code}")
+    if "restarting it" in log_path.read_text(errors="replace"):  # a new process: CPU unknown
+        raise RuntimeError("a worker died and was restarted")
+    accepted = _count(db, "SELECT COUNT(*) FROM accepted")
+    if accepted != len(payloads):
+        raise RuntimeError(f"accepted {accepted} of {len(payloads)} updates")
+    elapsed = finished - started
+    return {"seconds": elapsed, "updates_per_s": len(payloads) / elapsed, "accepted": accepted,
+            "processes": len(processes), "cpu_s": total_cpu - idle_cpu}
 
 
 def _workloads(text: str) -> list[str]:
@@ -245,6 +430,56 @@ def measure_rate(port: int, artifacts: Path, updates: int, repeats: int
         "raw_cpu_us_per_msg": round(median(raw_cpu)),
         "aggregator_cpu_us_per_update": round(median(agg_cpu)),
     }, agg_rates
+
+
+def _worker_counts(text: str) -> list[int]:
+    """Parse --workers: a comma-separated list of worker counts (0: the single process)."""
+    try:
+        counts = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        counts = [-1]
+    if any(w < 0 for w in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"distinct worker counts ≥ 0, comma-separated; "
+                                         f"got {text!r}")
+    return counts
+
+
+def measure_workers(port: int, artifacts: Path, updates: int, repeats: int, counts: list[int]
+                    ) -> dict[str, dict[str, Any]]:
+    """Raw subscriber and `edgefl aggregator --workers W`: `repeats` interleaved pairs per W."""
+    runs: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {w: [] for w in counts}
+    # Repeat-major: every W gets a pair before any gets its second, so a load change on the
+    # machine spreads over the counts instead of landing on one of them.
+    for i in range(repeats):
+        for w in counts:
+            federation = f"bench-{uuid.uuid4().hex[:8]}"  # fresh: no retained global, no session
+            payloads = make_payloads(artifacts, federation, updates, seed=i)
+            raw = run_once(port, "raw", payloads, federation, artifacts)
+            runs[w].append((raw, run_cli(port, payloads, federation, artifacts, w)))
+    return {str(w): _worker_figures(pairs, updates) for w, pairs in runs.items()}
+
+
+def _worker_figures(pairs: list[tuple[dict[str, Any], dict[str, Any]]], updates: int
+                    ) -> dict[str, Any]:
+    """One worker count's medians and runs, from its (raw, cli) pairs."""
+    raw_rates = [raw["updates_per_s"] for raw, _ in pairs]
+    cli_rates = [cli["updates_per_s"] for _, cli in pairs]
+    ratios = [c / r for r, c in zip(raw_rates, cli_rates, strict=True)]
+    # The whole tree's CPU over the round: leader and workers, each from ready to exit.
+    cpu = [cli["cpu_s"] / updates * 1e6 for _, cli in pairs]
+    return {
+        "processes": pairs[0][1]["processes"],
+        "raw_msgs_per_s": round(median(raw_rates), 1),
+        "aggregator_updates_per_s": round(median(cli_rates), 1),
+        "ratio_vs_raw": round(median(ratios), 4),
+        "raw_runs": [round(r, 1) for r in raw_rates],
+        "aggregator_runs": [round(r, 1) for r in cli_rates],
+        "ratio_runs": [round(r, 4) for r in ratios],
+        "accepted_runs": [cli["accepted"] for _, cli in pairs],
+        "raw_cpu_us_per_msg": round(median([raw["cpu_s"] / updates * 1e6 for raw, _ in pairs])),
+        "aggregator_cpu_us_per_update": round(median(cpu)),
+        "aggregator_cpu_runs": [round(c) for c in cpu],
+    }
 
 
 def measure_memory(port: int, artifacts: Path, sizes: list[int], strategies: list[str],
@@ -319,6 +554,16 @@ def measure(port: int, workload: str, args: argparse.Namespace) -> tuple[dict[st
             f"{s} " + "/".join(f"{v['paced']['peak_growth_mib']:.0f} "
                                f"({v['burst']['peak_growth_mib']:.0f})" for v in per_n.values())
             for s, per_n in scan.items()) + f" at N={'/'.join(map(str, sizes))}"
+    if args.workers:
+        rows = result["workers"] = measure_workers(port, artifacts, args.updates, args.repeats,
+                                                   args.workers)
+        human += (f"; workers {'/'.join(rows)}: aggregator "
+                  + "/".join(f"{r['aggregator_updates_per_s']:.0f}" for r in rows.values())
+                  + " updates/s vs raw "
+                  + "/".join(f"{r['raw_msgs_per_s']:.0f}" for r in rows.values()) + " msg/s ("
+                  + "/".join(f"{r['ratio_vs_raw']:.2f}" for r in rows.values()) + "x), CPU "
+                  + "/".join(f"{r['aggregator_cpu_us_per_update']}" for r in rows.values())
+                  + " µs/update")
     if args.burst:
         burst = result["burst"] = measure_burst(port, artifacts, args.burst)
         human += (f"; burst of {burst['updates']}: {burst['accepted']} accepted, peak "
@@ -343,6 +588,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=0,
                         help="also publish this many updates at once and report the peak RSS "
                              "above idle (0: skip)")
+    parser.add_argument("--workers", type=_worker_counts, default=[],
+                        help="also measure `edgefl aggregator --workers W` for each W of this "
+                             "comma-separated list (0: one process), paired with raw runs "
+                             "('' to skip)")
     parser.add_argument("--child", choices=("raw", "coordinator"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--federation", help=argparse.SUPPRESS)

@@ -16,7 +16,6 @@ from typing import TypeVar
 
 from edgefl.gateway import AGGREGATOR_ID, load_gateway
 
-
 ConfigT = TypeVar("ConfigT")
 
 
@@ -121,9 +120,8 @@ def _config(kind: type[ConfigT], **fields: object) -> ConfigT:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Build (or find in the cache) a workload's training programs; print the folder."""
-    from export.build import build_artifacts
-
     from edge_client.native_logs import native_stderr_silenced
+    from export.build import build_artifacts
 
     backends = tuple(args.backends.split(","))
     out = Path(args.out) if args.out else None
@@ -140,6 +138,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from aggregator.coordinator import AggregatorConfig, Coordinator
     from aggregator.registry import check_mergeable, make_family
     from aggregator.store import GlobalStore, StorageError
+    from aggregator.tiers import GatewayMerger, GatewayTier
     from aggregator.workers import MergingLeader, Supervisor
     from protocol.manifest import load_manifest
     from protocol.messages import TrainConfig
@@ -161,10 +160,19 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     manifest = load_manifest(artifacts)
     workers = args.workers or args.worker_index is not None
+    gateways = _gateway_ids(args.merge_gateways)
+    tiers = [o for o, on in (("--workers", workers), ("--upstream", args.upstream),
+                             ("--merge-gateways", gateways)) if on]
+    if len(tiers) > 1:
+        raise SystemExit(f"edgefl: {' and '.join(tiers)} do not go together: a gateway under "
+                         "an upstream aggregator, and the upstream one, run one process each")
+    if gateways:  # the upstream round waits for one partial sum per gateway
+        config = replace(config, clients_per_round=len(gateways),
+                         min_clients=min(config.min_clients, len(gateways)))
     try:
+        if tiers:  # first: no setting of the strategy would help
+            check_mergeable(config, tiers[0])
         make_family(config, manifest)  # refuse a broken combination before touching anything
-        if workers:
-            check_mergeable(config, "--workers")
     except ValueError as exc:
         raise SystemExit(f"edgefl: {exc}") from exc
     if args.workers < 0:
@@ -183,13 +191,12 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
         # Re-read when `edgefl gateway enroll|revoke` changes it: no restart needed.
         registry = RegistryFile(load_gateway(Path(args.gateway)).signing_registry)
-    config = replace(config, allowed_devices=_allowed_devices(args, registry is not None))
+    config = replace(config, allowed_devices=gateways or _allowed_devices(args, registry is not None))
     # The status port first: a taken port is one clear line before any state is written.
     coordinator: Coordinator | None = None
     status = None
     if args.status_port is not None:
         from aggregator.status import StatusServer
-
         from edgefl.gateway import certificate_expiry
 
         expiry = certificate_expiry(load_gateway(Path(args.gateway))) if args.gateway else {}
@@ -216,10 +223,12 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     try:
         store = GlobalStore(Path(args.state_dir) / args.federation)
         transport.start()
-        kind = MergingLeader if workers else Coordinator
+        extra = {"gateway_id": args.upstream} if args.upstream else {}
+        kind = (MergingLeader if workers else GatewayTier if args.upstream
+                else GatewayMerger if gateways else Coordinator)
         coordinator = kind(config, manifest,
                            load_file(str(artifacts / manifest.files["adapter_init"])),
-                           transport, store, registry=registry)
+                           transport, store, registry=registry, **extra)
         if workers:  # started once round 0's global is stored: they follow the state from it
             supervisor = Supervisor(partial(_worker_command, args, artifacts), args.workers)
             supervisor.start()
@@ -241,7 +250,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     try:
         for record in coordinator.run(tend_workers):
             # FL-TAC counts task slots (a multi-task device sends one update per task)
-            unit = "task slots" if coordinator.family.task_slots else "devices"
+            unit = ("task slots" if coordinator.family.task_slots
+                    else "gateways" if gateways else "devices")
             print(f"round {record.round}: {len(record.devices)} {unit}, {record.samples} samples,"
                   f" metrics {record.metrics}")
     finally:
@@ -251,6 +261,22 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             status.stop()
         transport.stop()
     return 0
+
+
+def _gateway_ids(text: str | None) -> frozenset[str]:
+    """--merge-gateways as a set of ids, or a one-line exit for an unusable one."""
+    if not text:
+        return frozenset()
+    from protocol.messages import check_segment
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    try:
+        ids = frozenset(check_segment(n, "gateway id") for n in names)
+    except ValueError as exc:
+        raise SystemExit(f"edgefl: --merge-gateways: {exc}") from exc
+    if len(ids) != len(names) or not ids:
+        raise SystemExit(f"edgefl: --merge-gateways needs distinct gateway ids, got {text!r}")
+    return ids
 
 
 def _worker_command(args: argparse.Namespace, artifacts: Path, index: int) -> list[str]:
@@ -404,12 +430,12 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
-    from aggregator.registry import STRATEGY_NAMES
     from aggregator.config import DEFAULT_MAX_SAMPLES
-    from transport.mqtt import WINDOW_BYTES
+    from aggregator.registry import STRATEGY_NAMES
     from edge_client.trainer import BACKENDS
     from edgefl.gateway import add_gateway_parser
     from protocol.quant import ENCODINGS
+    from transport.mqtt import WINDOW_BYTES
     from workloads import WORKLOAD_NAMES
 
     parser = argparse.ArgumentParser(prog="edgefl", description=__doc__)
@@ -486,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "subscription and this one merges their partial sums (fedavg, flora, "
                         "colora; default 0: this process does it all)")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
+    p.add_argument("--upstream", metavar="GATEWAY_ID",
+                   help="this gateway's rounds go upstream as partial sums (through a broker "
+                        "bridge) and the globals come from the upstream aggregator")
+    p.add_argument("--merge-gateways", metavar="IDS",
+                   help="upstream aggregator: merge the partial sums of these gateways "
+                        "(comma-separated ids given to their --upstream) into each global")
     method_args(p)
     p.set_defaults(func=cmd_aggregator)
 

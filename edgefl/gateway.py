@@ -182,6 +182,10 @@ def acl_text() -> str:
         f"topic read {root}/+/status/+\n"
         f"topic write {root}/+/global\n"
         f"topic write {root}/+/residual\n"
+        "# Under an upstream aggregator (--upstream): its round goes up as a partial sum through\n"
+        "# the bridge, and the bridge delivers the upstream global under upstream/.\n"
+        f"topic write {root}/+/partial/+\n"
+        f"topic read upstream/{root}/+/global\n"
     )
 
 

@@ -25,6 +25,7 @@ import zstandard
 from protocol import quant
 from protocol.messages import (
     GlobalModel,
+    PartialSum,
     ResidualModel,
     Status,
     TrainConfig,
@@ -537,6 +538,41 @@ def decode_update(data: bytes) -> Update:
             manifest_sha256=manifest_sha256, num_samples=num_samples, update_id=update_id,
             adapter=adapter, metrics=metrics, is_delta=is_delta, task=task,
         )
+    except ValueError as exc:
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError(_one_line(exc)) from exc
+
+
+def encode_partial(message: PartialSum) -> bytes:
+    """Serialise a gateway's PartialSum (float64 sums, lossless: the merge must be exact)."""
+    header: dict[str, Any] = {
+        "federation": message.federation, "round": message.round,
+        "gateway_id": message.gateway_id, "manifest_sha256": message.manifest_sha256,
+        "weight": float(message.weight), "count": message.count,
+        "metric_sums": message.metric_sums, "bytes": message.bytes,
+    }
+    return _pack("partial", header, {k: np.asarray(v, np.float64) for k, v in
+                                     message.sums.items()})
+
+
+_PARTIAL_KEYS = frozenset({"federation", "round", "gateway_id", "manifest_sha256", "weight",
+                           "count", "metric_sums", "bytes"})
+
+
+def decode_partial(data: bytes) -> PartialSum:
+    """Parse a PartialSum, raising DecodeError on anything malformed (float64 tensors only)."""
+    header, tensors = _unpack(data, "partial")
+    _check_keys(header, _PARTIAL_KEYS, frozenset())
+    for name, tensor in tensors.items():
+        if tensor.dtype != np.float64:
+            raise DecodeError(f"partial sum tensor {name!r} is {tensor.dtype}, not float64")
+    try:
+        return PartialSum(
+            federation=header["federation"], round=header["round"],
+            gateway_id=header["gateway_id"], manifest_sha256=header["manifest_sha256"],
+            weight=_number(header, "weight"), count=header["count"], sums=tensors,
+            metric_sums=header["metric_sums"], bytes=header["bytes"])
     except ValueError as exc:
         if isinstance(exc, DecodeError):
             raise

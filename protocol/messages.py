@@ -312,6 +312,61 @@ class Update:
 
 
 @dataclass(frozen=True, slots=True)
+class PartialSum:
+    """Gateway aggregator -> upstream aggregator: one gateway's closed round as a weighted sum.
+
+    `sums` holds Σ_k w_k·x_k per adapter tensor (float64, as the gateway accumulated it) and
+    `weight` Σ_k w_k over its `count` accepted updates; `metric_sums` the w-weighted sums of the
+    devices' metrics. Merging partial sums is exact (docs/PROTOCOL.md §9), so the upstream
+    global equals FedAvg over every device of every gateway.
+    """
+
+    federation: str
+    round: int
+    gateway_id: str
+    manifest_sha256: str
+    weight: float
+    count: int
+    sums: TensorDict
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        check_segment(self.federation, "federation")
+        check_int(self.round, "round", 0)
+        check_segment(self.gateway_id, "gateway_id")
+        check_token(self.manifest_sha256, "manifest_sha256")
+        if not (isinstance(self.weight, float | int) and math.isfinite(self.weight)
+                and self.weight > 0):
+            raise ValueError(f"weight must be a positive finite number, got {_show(self.weight)}")
+        check_int(self.count, "count", 1)
+        check_metrics(self.metric_sums)
+        check_int(self.bytes, "bytes", 0, 2**62)
+
+    @property
+    def update_id(self) -> str:
+        """One per gateway and round: a partial sum sent again is a duplicate."""
+        return f"{self.gateway_id}.{self.round}"
+
+    @property
+    def device_id(self) -> str:
+        """The gateway is the upstream round's contributor (its slot)."""
+        return self.gateway_id
+
+    task = ""  # a gateway has one slot
+
+    @property
+    def num_samples(self) -> int:
+        """Updates behind this sum (what the upstream log counts)."""
+        return self.count
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The gateway's devices' metrics, weighted means."""
+        return {k: v / self.weight for k, v in self.metric_sums.items()}
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """Device -> aggregator (retained): a device's presence, and what stops it taking part.
 

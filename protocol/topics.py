@@ -47,6 +47,17 @@ def shared_update_filter(federation: str, group: str) -> str:
     return f"$share/{_check_segment(group, 'group')}/{update_filter(federation)}"
 
 
+def partial_topic(federation: str, gateway_id: str) -> str:
+    """A gateway aggregator's closed round as a partial sum (gateway -> upstream, QoS 1; a
+    broker bridge forwards it to the upstream broker)."""
+    return _device_topic(federation, "partial", gateway_id)
+
+
+def partial_filter(federation: str) -> str:
+    """Subscription filter matching every gateway's partial-sum topic."""
+    return _all_devices(federation, "partial")
+
+
 def status_topic(federation: str, device_id: str) -> str:
     """Retained: a device's online/offline status (offline is its MQTT last will)."""
     return _device_topic(federation, "status", device_id)
@@ -58,8 +69,26 @@ def status_filter(federation: str) -> str:
 
 
 def parse_device_topic(topic: str) -> tuple[str, str, str]:
-    """Split an update or status topic into (federation, kind, device id)."""
+    """Split an update, status or partial-sum topic into (federation, kind, device id)."""
     parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[3] not in ("update", "status"):
+    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[3] not in ("update", "status", "partial"):
         raise ValueError(f"not a device topic: {topic!r}")
     return parts[2], parts[3], parts[4]
+
+
+def upstream_global_topic(federation: str) -> str:
+    """Where a gateway broker's bridge delivers the upstream aggregator's global: the gateway
+    aggregator takes it from here and publishes it on global_topic once it has moved to its
+    round, so its devices never send an update it cannot place yet."""
+    return UPSTREAM_PREFIX + global_topic(federation)
+
+
+UPSTREAM_PREFIX = "upstream/"
+
+
+def bridge_topics() -> tuple[str, ...]:
+    """The `topic` lines of a gateway broker's bridge to the upstream broker (Mosquitto syntax:
+    pattern, direction, QoS, local prefix, remote prefix): every federation's partial sums go
+    up; the upstream globals come down to upstream_global_topic."""
+    return (f"{ROOT}/+/partial/+ out 1",
+            f"+/global in 1 {UPSTREAM_PREFIX}{ROOT}/ {ROOT}/")

@@ -179,6 +179,32 @@ def test_ingest_small_fleet(cnn_artifacts: Path) -> None:
             assert 0 <= row["max_inbox_messages"] <= 20, (strategy, mode, row)
 
 
+def test_ingest_workers(cnn_artifacts: Path) -> None:
+    """--workers runs the real `edgefl aggregator --workers W` (a leader and W worker processes)
+    paired with raw runs: every run must accept every update, and the figures be its runs'."""
+    result = run_bench("ingest", "--workload", "fmnist-cnn", "--updates", "40", "--repeats", "1",
+                       "--memory-n", "", "--workers", "2", timeout=300)
+    assert set(result) == {"benchmark", "machine", "workload", "encoding", "rate", "memory",
+                           "workers"}
+    assert set(result["workers"]) == {"2"}
+    row = result["workers"]["2"]
+    assert set(row) == {"processes", "raw_msgs_per_s", "aggregator_updates_per_s",
+                        "ratio_vs_raw", "raw_runs", "aggregator_runs", "ratio_runs",
+                        "accepted_runs", "raw_cpu_us_per_msg", "aggregator_cpu_us_per_update",
+                        "aggregator_cpu_runs"}
+    assert row["processes"] == 3 and row["accepted_runs"] == [40]  # leader + 2, all accepted
+    # one repeat: the medians are the runs, and the ratio is their quotient
+    assert len(row["raw_runs"]) == len(row["aggregator_runs"]) == len(row["ratio_runs"]) == 1
+    assert row["raw_msgs_per_s"] == row["raw_runs"][0]
+    assert row["aggregator_updates_per_s"] == row["aggregator_runs"][0]
+    assert positive(row["raw_msgs_per_s"]) and positive(row["aggregator_updates_per_s"])
+    assert row["ratio_vs_raw"] == row["ratio_runs"][0]
+    assert math.isclose(row["ratio_vs_raw"], row["aggregator_runs"][0] / row["raw_runs"][0],
+                        rel_tol=0.02)
+    assert positive(row["raw_cpu_us_per_msg"]) and positive(row["aggregator_cpu_us_per_update"])
+    assert row["aggregator_cpu_runs"] == [row["aggregator_cpu_us_per_update"]]
+
+
 def test_step_time_cnn(cnn_artifacts: Path) -> None:
     from protocol.manifest import load_manifest
 

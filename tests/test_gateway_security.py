@@ -169,7 +169,10 @@ def test_init_writes_private_keys_0600_and_a_valid_chain(gateway_dir: Path) -> N
     assert "pattern read fl/v1/+/residual" in acl  # exact aggregation's catch-up, read-only
     assert acl[acl.index(f"user {AGGREGATOR_ID}") + 1:] == [
         "topic read fl/v1/+/update/+", "topic read fl/v1/+/status/+", "topic write fl/v1/+/global",
-        "topic write fl/v1/+/residual"]
+        "topic write fl/v1/+/residual",
+        "# Under an upstream aggregator (--upstream): its round goes up as a partial sum through",
+        "# the bridge, and the bridge delivers the upstream global under upstream/.",
+        "topic write fl/v1/+/partial/+", "topic read upstream/fl/v1/+/global"]
     assert load_gateway(gateway_dir) == files
 
 

@@ -50,6 +50,14 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def bridge_conf(name: str, host: str, port: int, topic_lines: tuple[str, ...]) -> str:
+    """Mosquitto bridge lines for a gateway broker under an upstream broker (docs/DEPLOY.md):
+    the given `topic` lines (protocol.topics.bridge_topics), and a persistent bridge session so
+    that nothing is lost while the link is down."""
+    return (f"\nconnection {name}\naddress {host}:{port}\nremote_clientid bridge-{name}\n"
+            "cleansession false\n" + "".join(f"topic {line}\n" for line in topic_lines))
+
+
 class Broker:
     """A running broker; `kind` says which one. Use as a context manager."""
 
@@ -58,10 +66,12 @@ class Broker:
     mqtt_version = 5
 
     def __init__(self, port: int | None = None, prefer: str = "mosquitto",
-                 persistence_dir: Path | None = None) -> None:
+                 persistence_dir: Path | None = None, bridge: str = "") -> None:
         """Start on `port` (default: a free one). With `persistence_dir`, Mosquitto keeps
-        sessions, queued QoS 1 messages and retained messages there across restarts."""
+        sessions, queued QoS 1 messages and retained messages there across restarts. `bridge`
+        holds Mosquitto bridge lines (bridge_conf) to an upstream broker."""
         self.port = port or free_port()
+        self.bridge = bridge
         self.persistence_dir = persistence_dir
         if persistence_dir is not None:
             Path(persistence_dir).mkdir(parents=True, exist_ok=True)
@@ -98,6 +108,7 @@ class Broker:
             f"message_size_limit {MESSAGE_SIZE_LIMIT_BYTES}\n"
             "max_queued_messages 10000\n"
             "log_dest stderr\nlog_type error\nlog_type warning\n"
+            + self.bridge
         )
         self._log = open(Path(self._tmp.name) / "mosquitto.log", "wb")  # noqa: SIM115
         self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=self._log,

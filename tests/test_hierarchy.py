@@ -1,0 +1,193 @@
+"""Hierarchical federation over Mosquitto bridges (aggregator.tiers): two gateways, each with its
+own broker and devices, send their rounds' partial sums upstream through a bridge; the upstream
+global equals one flat FedAvg over every device, and comes back down to every gateway."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from aggregator.coordinator import AggregatorConfig
+from aggregator.store import GlobalStore
+from aggregator.strategies import fedavg
+from aggregator.tiers import GatewayMerger
+from protocol import codec, topics
+from protocol.codec import DecodeError
+from protocol.manifest import load_manifest
+from protocol.messages import GlobalModel, PartialSum, Update
+from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
+from tests.test_storage_faults import QueueTransport
+from transport.broker import Broker, bridge_conf
+from transport.mqtt import MqttTransport
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _partial(gateway: str, value: float, weight: float, round_number: int = 0,
+             count: int = 2) -> PartialSum:
+    sums = {k: v.astype(np.float64) * weight for k, v in _full(value).items()}
+    return PartialSum(FED, round_number, gateway, MANIFEST.sha256, weight, count, sums,
+                      {"loss": 0.5 * weight})
+
+
+def _merger(folder: Path) -> GatewayMerger:
+    config = AggregatorConfig(federation=FED, rounds=3, clients_per_round=2, min_clients=2,
+                              allowed_devices=frozenset({"g1", "g2"}))
+    return GatewayMerger(config, MANIFEST, ZERO, QueueTransport(), GlobalStore(folder))
+
+
+def _send(merger: GatewayMerger, partial: PartialSum) -> None:
+    merger.handle(Message(topics.partial_topic(FED, partial.gateway_id),
+                          codec.encode_partial(partial)))
+
+
+def test_partial_sums_round_trip_exactly() -> None:
+    partial = _partial("g1", 1 / 3, 7.0)
+    back = codec.decode_partial(codec.encode_partial(partial))
+    assert (back.gateway_id, back.weight, back.count, back.metric_sums) == ("g1", 7.0, 2,
+                                                                             {"loss": 3.5})
+    for name, value in partial.sums.items():
+        assert back.sums[name].dtype == np.float64
+        np.testing.assert_array_equal(back.sums[name], value)
+
+
+def test_a_partial_sum_must_be_float64_with_a_positive_weight() -> None:
+    partial = _partial("g1", 1.0, 2.0)
+    as_float32 = codec._pack("partial", {
+        "federation": FED, "round": 0, "gateway_id": "g1", "manifest_sha256": MANIFEST.sha256,
+        "weight": 2.0, "count": 2, "metric_sums": {}, "bytes": 0},
+        {k: v.astype(np.float32) for k, v in partial.sums.items()})
+    with pytest.raises(DecodeError, match="not float64"):
+        codec.decode_partial(as_float32)
+    with pytest.raises(ValueError, match="weight must be a positive"):
+        PartialSum(FED, 0, "g1", MANIFEST.sha256, 0.0, 1, partial.sums)
+
+
+def test_the_upstream_merges_gateways_exactly(tmp_path: Path) -> None:
+    merger = _merger(tmp_path)
+    _send(merger, _partial("g1", 1.0, 30.0))
+    _send(merger, _partial("g1", 1.0, 30.0))  # sent again (the gateway's republish timer)
+    _send(merger, _partial("g3", 5.0, 10.0))  # not one of ours
+    _send(merger, _partial("g2", 0.5, 1e12))  # more weight than 2 updates can carry
+    _send(merger, _partial("g2", 4.0, 10.0, round_number=1))  # a round early
+    _send(merger, _partial("g2", 4.0, 10.0))
+    assert merger.rejections == {"duplicate": 1, "unknown-device": 1, "tensors": 1,
+                                 "future-round": 1}
+    record = merger._close_round()
+    # (30·1 + 10·4) / 40 = 70 / 40 = 1.75; loss (0.5·30 + 0.5·10) / 40 = 0.5
+    assert record.devices == ("g1", "g2") and record.metrics == {"loss": 0.5}
+    for value in merger.adapter.values():
+        np.testing.assert_allclose(value, 1.75, rtol=1e-7)
+
+
+# -- two gateways on their own Mosquitto, bridged to an upstream one, through the CLI ---------
+HFED = "tiers"
+ROUNDS = 2
+DEVICES = {"g1": ["a1", "a2", "a3"], "g2": ["b1", "b2"]}
+
+
+def _aggregator(broker: Broker, artifacts: Path, state: Path, *extra: str
+                ) -> subprocess.Popen[bytes]:
+    state.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "-v", "aggregator", "--host", broker.host, "--port",
+         str(broker.port), "--federation", HFED, "--artifacts", str(artifacts), "--rounds",
+         str(ROUNDS), "--deadline", "600", "--state-dir", str(state), *extra],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(state.with_suffix(".log"), "wb"))
+
+
+def _next_global(watcher: MqttTransport, round_number: int, seconds: float = 90
+                 ) -> tuple[GlobalModel, bytes]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = watcher.receive(0.5)
+        if message is not None:
+            model = codec.decode_global(message.payload)
+            if model.round == round_number:
+                return model, message.payload
+    raise AssertionError(f"no global for round {round_number} within {seconds}s")
+
+
+def test_two_bridged_gateways_give_the_flat_fedavg_global(cnn_artifacts: Path,
+                                                            tmp_path: Path) -> None:
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+    rng = np.random.default_rng(3)
+    procs: list[subprocess.Popen[bytes]] = []
+    clients: list[MqttTransport] = []
+    with Broker() as upstream:
+        gateways = {g: Broker(bridge=bridge_conf(g, upstream.host, upstream.port,
+                                                   topics.bridge_topics()))
+                    for g in DEVICES}
+        try:
+            procs.append(_aggregator(upstream, cnn_artifacts, tmp_path / "up",
+                                     "--merge-gateways", "g1,g2"))
+            for g, devices in DEVICES.items():
+                procs.append(_aggregator(gateways[g], cnn_artifacts, tmp_path / g, "--upstream",
+                                         g, "--clients-per-round", str(len(devices)),
+                                         "--min-clients", str(len(devices))))
+            watchers = {}
+            for name, broker in [("up", upstream), *gateways.items()]:
+                watchers[name] = MqttTransport(broker.host, broker.port, f"watch-{name}")
+                watchers[name].start()
+                watchers[name].subscribe(topics.global_topic(HFED))
+                clients.append(watchers[name])
+            publishers = {g: MqttTransport(b.host, b.port, f"devices-{g}")
+                          for g, b in gateways.items()}
+            for publisher in publishers.values():
+                publisher.start()
+                clients.append(publisher)
+            for g in DEVICES:  # each gateway aggregator relays round 0 once it is ready
+                _next_global(watchers[g], 0)
+            for round_number in range(ROUNDS):
+                sent = []
+                for g, devices in DEVICES.items():
+                    for device in devices:
+                        adapter = {k: (v + rng.standard_normal(v.shape)).astype(np.float32)
+                                   for k, v in initial.items()}
+                        update = Update(HFED, round_number, device, manifest.sha256,
+                                        int(rng.integers(32, 640)), uuid.uuid4().hex, adapter)
+                        publishers[g].publish(topics.update_topic(HFED, device),
+                                              codec.encode_update(update))
+                        sent.append(update)
+                expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
+                model, payload = _next_global(watchers["up"], round_number + 1)
+                for name in expected:  # one flat FedAvg over all five devices
+                    np.testing.assert_allclose(model.adapter[name], expected[name], rtol=1e-6,
+                                               atol=1e-7)
+                for g in DEVICES:  # and each gateway relays exactly that global
+                    assert _next_global(watchers[g], round_number + 1)[1] == payload
+            assert model.final
+            for proc in procs:
+                proc.wait(60)
+        finally:
+            for client in clients:
+                client.stop()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            for broker in gateways.values():
+                broker.stop()
+    for proc in procs:
+        assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("option", [["--upstream", "g1"], ["--merge-gateways", "g1,g2"]])
+def test_a_strategy_that_cannot_merge_is_refused_in_one_line(option: list[str], tmp_path: Path,
+                                                             cnn_artifacts: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "aggregator", "--port", "1", "--artifacts",
+         str(cnn_artifacts), "--strategy", "trimmed_mean", "--min-clients", "5",
+         "--clients-per-round", "5", "--state-dir", str(tmp_path), *option],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{option[0]} merges partial weighted sums" in lines[0], lines
