@@ -159,11 +159,11 @@ def strict_json(text: str | bytes, what: str) -> Any:
     bytes that are not UTF-8; nesting deeper than the parser allows.
     """
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, value in items:
-            if key in obj:
-                raise DecodeError(f"{what}: duplicate key {_show(key)}")
-            obj[key] = value
+        obj = dict(items)  # built in C: this hook runs for every object of every header
+        if len(obj) != len(items):
+            seen: set[str] = set()
+            duplicate = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise DecodeError(f"{what}: duplicate key {_show(duplicate)}")
         return obj
 
     def constant(name: str) -> Any:
@@ -178,12 +178,18 @@ def strict_json(text: str | bytes, what: str) -> Any:
     try:
         if isinstance(text, bytes | bytearray):
             text = bytes(text).decode("utf-8")
+        else:
+            text.encode("utf-8")  # a str may hold lone surrogates itself
         value = json.loads(text, object_pairs_hook=pairs, parse_constant=constant,
                            parse_float=number)
     except DecodeError:
         raise
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError, ...
         raise DecodeError(f"{what} is not valid JSON: {_one_line(exc)}") from exc
+    # Valid UTF-8 text yields a lone surrogate only through a \uD800-\uDFFF escape: look for
+    # one in the text (cheap) before walking every string of the value (not cheap).
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return value
     stack = [value]
     while stack:
         item = stack.pop()
@@ -198,6 +204,9 @@ def strict_json(text: str | bytes, what: str) -> Any:
         elif isinstance(item, list):
             stack.extend(item)
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 _METADATA_KEYS = frozenset({"schema", "kind", "header"})
