@@ -9,7 +9,7 @@ global back in under upstream/…; the gateway aggregator moves to its round, th
 same bytes on its broker's global topic for its devices (so none sends an update for a round
 the gateway has not opened yet). Upstream, a GatewayMerger is a
 Coordinator whose contributors are gateways: merging weighted sums is exact, so the global equals
-FedAvg over every device of every gateway (docs/DEPLOY.md, docs/PROTOCOL.md §9).
+FedAvg over every device of every gateway (docs/DEPLOY.md, docs/PROTOCOL.md §13).
 """
 
 from __future__ import annotations

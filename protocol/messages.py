@@ -317,7 +317,7 @@ class PartialSum:
 
     `sums` holds Σ_k w_k·x_k per adapter tensor (float64, as the gateway accumulated it) and
     `weight` Σ_k w_k over its `count` accepted updates; `metric_sums` the w-weighted sums of the
-    devices' metrics. Merging partial sums is exact (docs/PROTOCOL.md §9), so the upstream
+    devices' metrics. Merging partial sums is exact (docs/PROTOCOL.md §13), so the upstream
     global equals FedAvg over every device of every gateway.
     """
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from aggregator.coordinator import AggregatorConfig
 from aggregator.store import GlobalStore
 from aggregator.strategies import fedavg
-from aggregator.tiers import GatewayMerger
+from aggregator.tiers import GatewayMerger, GatewayTier
 from protocol import codec, topics
 from protocol.codec import DecodeError
 from protocol.manifest import load_manifest
@@ -191,3 +191,45 @@ def test_a_strategy_that_cannot_merge_is_refused_in_one_line(option: list[str], 
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{option[0]} merges partial weighted sums" in lines[0], lines
+
+
+def _gateway_tier(folder: Path, transport: QueueTransport) -> GatewayTier:
+    config = AggregatorConfig(federation=FED, rounds=3, clients_per_round=2, min_clients=2)
+    return GatewayTier(config, MANIFEST, ZERO, transport, GlobalStore(folder), gateway_id="g1")
+
+
+def _update(device: str, value: float, samples: int, round_number: int = 0) -> Message:
+    update = Update(FED, round_number, device, MANIFEST.sha256, samples, uuid.uuid4().hex,
+                    _full(value))
+    return Message(topics.update_topic(FED, device), codec.encode_update(update))
+
+
+def test_a_gateway_restarted_after_sealing_sends_the_same_sum_and_takes_no_more(
+        tmp_path: Path) -> None:
+    transport = QueueTransport()
+    gateway = _gateway_tier(tmp_path, transport)
+    gateway.handle(_update("d1", 1.0, 10))
+    gateway.handle(_update("d2", 4.0, 30))
+    assert gateway._round_ready()
+    gateway._seal()
+    (topic, payload), = transport.published
+    sent = codec.decode_partial(payload)
+    assert topic == topics.partial_topic(FED, "g1")
+    # Σ w·x = 10·1 + 30·4 = 130 per entry, over W = 40 from 2 updates
+    assert (sent.weight, sent.count) == (40.0, 2)
+    np.testing.assert_array_equal(sent.sums["head.bias"], 130.0)
+    again = QueueTransport()  # the gateway process dies here and starts again
+    restarted = _gateway_tier(tmp_path, again)
+    restarted.transport.inbox.put(_update("d3", 9.0, 10))  # too late for the sealed round
+    restarted.run(stop=lambda: again.inbox.empty() and bool(again.acked))
+    assert restarted.rejections == {"stale-round": 1}
+    resent = [codec.decode_partial(p) for t, p in again.published if "/partial/" in t]
+    assert resent and resent[0].weight == 40.0
+    np.testing.assert_array_equal(resent[0].sums["head.bias"], sent.sums["head.bias"])
+    # The upstream global of round 1 opens the next round here, and is relayed to devices.
+    model = GlobalModel(FED, 1, MANIFEST.sha256, _full(3.25))
+    upstream = codec.encode_global(model)
+    again.inbox.put(Message(topics.upstream_global_topic(FED), upstream))
+    restarted.run(stop=lambda: restarted.round == 1)
+    assert restarted.round == 1 and not restarted._sealed
+    assert (topics.global_topic(FED), upstream) in again.published  # the same bytes
