@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from edgefl.gateway import AGGREGATOR_ID, load_gateway
+from edgefl.gateway import AGGREGATOR_ID, load_gateway, worker_id
 
 ConfigT = TypeVar("ConfigT")
 
@@ -177,11 +177,13 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         raise SystemExit(f"edgefl: {exc}") from exc
     if args.workers < 0:
         raise SystemExit(f"edgefl: --workers must be 0 (one process) or more, got {args.workers}")
-    if workers and args.gateway:
-        raise SystemExit("edgefl: --workers needs one broker identity per worker, and the "
-                         "gateway's broker takes one connection per certificate (`edgefl "
-                         "gateway init` issues one aggregator identity): run them on a plain "
-                         "listener for now")
+    if args.workers and args.gateway:
+        have = len(load_gateway(Path(args.gateway)).workers)
+        if have < args.workers:  # the broker takes one connection per certificate
+            raise SystemExit(f"edgefl: --workers {args.workers} needs {args.workers} worker "
+                             f"identities in {args.gateway}, which has {have}: run `edgefl "
+                             f"gateway workers --gateway {args.gateway} {args.workers}`, then "
+                             "reload the broker (kill -HUP)")
     if args.worker_index is not None:
         return _run_worker(args, config, manifest, artifacts, window_bytes)
     secure = _gateway_connection(args, AGGREGATOR_ID)
@@ -296,15 +298,23 @@ def _run_worker(args: argparse.Namespace, config: object, manifest: object, arti
     from transport.mqtt import MqttTransport
 
     name = f"w{args.worker_index}"
-    transport = MqttTransport(args.host, args.port, f"aggregator-{args.federation}-{name}",
-                              persistent_session=True, manual_ack=True,
-                              window_bytes=window_bytes)
+    secure = _gateway_connection(args, worker_id(args.worker_index))
+    registry = None
+    if args.gateway:
+        from protocol.signing import RegistryFile
+
+        registry = RegistryFile(load_gateway(Path(args.gateway)).signing_registry)
+    config = replace(config, allowed_devices=_allowed_devices(args, registry is not None,
+                                                              warn=False))
+    transport = MqttTransport(secure["host"], secure["port"],
+                              f"aggregator-{args.federation}-{name}", persistent_session=True,
+                              manual_ack=True, tls=secure["tls"], window_bytes=window_bytes)
     try:
         store = GlobalStore(Path(args.state_dir) / args.federation)
         transport.start()
         worker = IngestWorker(config, manifest,
                               load_file(str(artifacts / manifest.files["adapter_init"])),
-                              transport, store, worker=name)
+                              transport, store, worker=name, registry=registry)
     except (ValueError, OSError, StorageError, sqlite3.Error, TransportError) as exc:
         transport.stop()
         raise SystemExit(f"edgefl: worker {name}: {exc}") from exc
@@ -322,9 +332,11 @@ def _window_bytes(mib: float) -> int:
     return max(1, int(mib * 2**20))
 
 
-def _allowed_devices(args: argparse.Namespace, signed: bool) -> frozenset[str] | None:
+def _allowed_devices(args: argparse.Namespace, signed: bool, warn: bool = True
+                     ) -> frozenset[str] | None:
     """Who may send updates: --allowed-devices; else, with --gateway, whoever the signing
-    registry holds (checked per update); else any device id, with a warning."""
+    registry holds (checked per update); else any device id, with a warning (`warn`: once per
+    gateway, so not from its worker processes)."""
     if args.allowed_devices:
         names = [n.strip() for n in args.allowed_devices.split(",") if n.strip()]
         if not names:
@@ -332,8 +344,9 @@ def _allowed_devices(args: argparse.Namespace, signed: bool) -> frozenset[str] |
         return frozenset(names)
     if signed:
         return None  # an update from a device the registry does not hold fails its signature
-    logging.getLogger("edgefl").warning(
-        "plain mode without --allowed-devices: any device id may send updates")
+    if warn:
+        logging.getLogger("edgefl").warning(
+            "plain mode without --allowed-devices: any device id may send updates")
     return None
 
 

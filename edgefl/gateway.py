@@ -1,7 +1,8 @@
 """`edgefl gateway`: CA, certificates, Mosquitto TLS config and ACL, device signing keys.
 
-`init` provisions a gateway folder; `enroll` adds devices to it, `renew` re-issues one
-certificate and `revoke` bars a device (CRL + signing registry). Layout of the folder (copy
+`init` provisions a gateway folder; `enroll` adds devices to it, `workers` adds identities for
+aggregator worker processes, `renew` re-issues one certificate and `revoke` bars a device (CRL +
+signing registry). Layout of the folder (copy
 each identity's folder to that machine only)::
 
     ca/ca.crt, ca/ca.key                 the CA: keep ca.key offline between enroll/renew/revoke
@@ -9,6 +10,7 @@ each identity's folder to that machine only)::
     broker/mosquitto.conf, broker/acl    TLS listener (client certificates required), ACL
     broker/broker.crt, broker/broker.key, broker/ca.crt, broker/crl.pem
     aggregator/client.crt, client.key, ca.crt, signing_registry.json
+    aggregator-w<k>/client.crt, client.key, ca.crt   worker k of `edgefl aggregator --workers`
     devices/<id>/client.crt, client.key, ca.crt, signing.key
     gateway.json                         host, port and identities, for load_gateway()
 
@@ -31,7 +33,7 @@ import pwd
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -68,7 +70,17 @@ AGGREGATOR_ID = "aggregator"  # the aggregator's certificate CN, hence its MQTT 
 BROKER_ID = "broker"  # how `renew` and certificate_expiry name the broker's server certificate
 CA_ID = "ca"  # how certificate_expiry names the CA certificate
 _RESERVED_IDS = (AGGREGATOR_ID, BROKER_ID, CA_ID)
+# Worker processes of `edgefl aggregator --workers N` connect as aggregator-w0, aggregator-w1…:
+# the broker makes each certificate's CN its client id, so each worker needs a CN of its own.
+_WORKER_ID = re.compile(rf"{AGGREGATOR_ID}-w[0-9]+")
+
+
+def worker_id(index: int) -> str:
+    """The identity (certificate CN, MQTT username and client id) of aggregator worker `index`."""
+    return f"{AGGREGATOR_ID}-w{index}"
+
 DEFAULT_TLS_PORT = 8883  # IANA's port for MQTT over TLS
+MAX_WORKERS = 64
 # Device ids become certificate CNs (at most 64 characters in X.509), MQTT usernames substituted
 # into ACL patterns, topic segments and folder names: keep them to a safe alphabet.
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: no "\n" tail
@@ -100,18 +112,20 @@ class GatewayFiles:
     aggregator: TlsFiles
     devices: dict[str, TlsFiles]  # enrolled devices; revoked ones are not listed
     signing_keys: dict[str, Path]  # device id -> its Ed25519 private key
+    workers: dict[str, TlsFiles] = field(default_factory=dict)  # aggregator-w<k> -> files
 
     def tls_for(self, identity: str) -> TlsFiles:
-        """TLS files of the aggregator or of one device."""
+        """TLS files of the aggregator, one of its workers or one device."""
         if identity == AGGREGATOR_ID:
             return self.aggregator
         try:
-            return self.devices[identity]
+            return self.workers[identity] if identity in self.workers else self.devices[identity]
         except KeyError:
             raise KeyError(f"no certificate for {identity!r} in {self.out_dir}") from None
 
 
-def _layout(out_dir: Path, host: str, port: int, devices: Sequence[str]) -> GatewayFiles:
+def _layout(out_dir: Path, host: str, port: int, devices: Sequence[str],
+            workers: int = 0) -> GatewayFiles:
     out = Path(out_dir).resolve()
 
     def identity(folder: Path) -> TlsFiles:
@@ -128,6 +142,7 @@ def _layout(out_dir: Path, host: str, port: int, devices: Sequence[str]) -> Gate
         aggregator=identity(out / AGGREGATOR_ID),
         devices={d: identity(out / "devices" / d) for d in devices},
         signing_keys={d: out / "devices" / d / "signing.key" for d in devices},
+        workers={worker_id(k): identity(out / worker_id(k)) for k in range(workers)},
     )
 
 
@@ -141,9 +156,9 @@ def check_device_id(device_id: str) -> str:
     if not _DEVICE_ID.fullmatch(device_id):
         raise ValueError(f"device id {device_id!r} must be 1-64 of A-Z a-z 0-9 . _ - "
                          "and start with a letter or digit")
-    if device_id in _RESERVED_IDS:
-        raise ValueError(f"{device_id!r} is reserved ({', '.join(_RESERVED_IDS)}), "
-                         "not a device id")
+    if device_id in _RESERVED_IDS or _WORKER_ID.fullmatch(device_id):
+        raise ValueError(f"{device_id!r} is reserved ({', '.join(_RESERVED_IDS)}, "
+                         f"{worker_id(0)}, {worker_id(1)}…), not a device id")
     return device_id
 
 
@@ -163,8 +178,9 @@ def _check_days(days: int) -> int:
 
 
 # -- broker configuration ----------------------------------------------------------------------
-def acl_text() -> str:
-    """Mosquitto ACL: devices write only their own topics and read the global; see module doc."""
+def acl_text(workers: Sequence[str] = ()) -> str:
+    """Mosquitto ACL: devices write only their own topics and read the global; see module doc.
+    Each of the aggregator's `workers` may read updates (through the shared subscription)."""
     root = topics.ROOT  # ACL patterns need wildcards and %u, which topics' builders refuse
     return (
         "# Written by `edgefl gateway init`. Usernames are certificate CNs.\n"
@@ -186,6 +202,8 @@ def acl_text() -> str:
         "# the bridge, and the bridge delivers the upstream global under upstream/.\n"
         f"topic write {root}/+/partial/+\n"
         f"topic read upstream/{root}/+/global\n"
+        + "".join(f"\n# Aggregator worker process (edgefl aggregator --workers): reads updates.\n"
+                  f"user {w}\ntopic read {root}/+/update/+\n" for w in workers)
     )
 
 
@@ -289,7 +307,8 @@ def _write_description(files: GatewayFiles, revoked: Sequence[str]) -> None:
     """Write gateway.json: what load_gateway reads back."""
     write_public(files.out_dir / GATEWAY_FILE, json.dumps(
         {"host": files.host, "port": files.port, "aggregator": AGGREGATOR_ID,
-         "devices": list(files.devices), "revoked": list(revoked)}, indent=1).encode())
+         "devices": list(files.devices), "revoked": list(revoked),
+         "workers": len(files.workers)}, indent=1).encode())
 
 
 def _give_to_broker(paths: Iterable[Path]) -> None:
@@ -306,7 +325,7 @@ def _give_to_broker(paths: Iterable[Path]) -> None:
 def init_gateway(
     out_dir: Path, devices: Sequence[str], host: str = "127.0.0.1",
     port: int = DEFAULT_TLS_PORT, bind_address: str | None = None,
-    days: int = LEAF_VALIDITY_DAYS,
+    days: int = LEAF_VALIDITY_DAYS, workers: int = 0,
 ) -> GatewayFiles:
     """Create the CA, certificates, broker config, ACL, CRL and signing keys of a gateway.
 
@@ -319,6 +338,7 @@ def init_gateway(
         port: the broker's TLS port.
         bind_address: where the listener binds (default: `host`).
         days: validity of the broker, aggregator and device certificates.
+        workers: identities for this many aggregator worker processes (`--workers`).
 
     Returns:
         The paths written.
@@ -331,7 +351,8 @@ def init_gateway(
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
     _check_days(days)
-    files = _layout(out_dir, host, port, ids)
+    _check_workers(workers)
+    files = _layout(out_dir, host, port, ids, workers)
     if (files.out_dir / GATEWAY_FILE).exists() or files.ca_key.exists():
         raise FileExistsError(f"{files.out_dir} already holds a gateway; use a new folder")
 
@@ -349,14 +370,15 @@ def init_gateway(
     write_public(files.crl_file, to_pem(crl(ca, ca_key, [])))
 
     # 3. client certificates: the aggregator and every device, CN = identity
-    clients = [_issue_client(files, i, ca, ca_key, days) for i in (AGGREGATOR_ID, *ids)]
+    clients = [_issue_client(files, i, ca, ca_key, days)
+               for i in (AGGREGATOR_ID, *files.workers, *ids)]
     _record_issued(files, [broker, *clients])
 
     # 4. update-signing keys: the private half stays on the device, the aggregator gets the rest
     _write_registry(files, _new_signing_keys(files, ids))
 
     # 5. broker configuration and the gateway description
-    write_public(files.acl_file, acl_text().encode())
+    write_public(files.acl_file, acl_text(list(files.workers)).encode())
     (files.mosquitto_conf.parent / "data").mkdir(exist_ok=True)
     write_public(files.mosquitto_conf,
                  mosquitto_conf_text(files, bind_address or host, _broker_user()).encode())
@@ -387,10 +409,38 @@ def enroll_devices(out_dir: Path, devices: Sequence[str],
         raise FileExistsError(f"{', '.join(taken)} already enrolled or revoked in "
                               f"{old.out_dir}; choose a new id")
     ca, ca_key = _load_ca(old)
-    files = _layout(old.out_dir, old.host, old.port, [*old.devices, *ids])
+    files = _layout(old.out_dir, old.host, old.port, [*old.devices, *ids], len(old.workers))
     _record_issued(files, [_issue_client(files, d, ca, ca_key, days) for d in ids])
     _write_registry(files, _registry_keys(old) | _new_signing_keys(files, ids))
     _write_description(files, revoked)
+    return files
+
+
+def _check_workers(workers: int) -> int:
+    """Return `workers` if it is a usable number of aggregator worker identities."""
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ValueError(f"aggregator workers must be 0 to {MAX_WORKERS}, not {workers}")
+    return workers
+
+
+def add_workers(out_dir: Path, workers: int, days: int = LEAF_VALIDITY_DAYS) -> GatewayFiles:
+    """Issue identities for aggregator workers up to `workers` (the existing ones stay) and
+    rewrite the ACL to let them read updates; the broker uses it once reloaded (SIGHUP).
+
+    Raises:
+        ValueError: a bad count or validity.
+        FileNotFoundError: no gateway in `out_dir`, or its CA key is offline.
+    """
+    _check_workers(workers)
+    _check_days(days)
+    old = load_gateway(out_dir)
+    ca, ca_key = _load_ca(old)
+    files = _layout(old.out_dir, old.host, old.port, list(old.devices),
+                    max(workers, len(old.workers)))
+    _record_issued(files, [_issue_client(files, w, ca, ca_key, days)
+                           for w in files.workers if w not in old.workers])
+    write_public(files.acl_file, acl_text(list(files.workers)).encode())
+    _write_description(files, _revoked_ids(old))
     return files
 
 
@@ -452,7 +502,8 @@ def revoke_device(out_dir: Path, device_id: str) -> GatewayFiles:
     entries += [(s, now) for s in sorted(_serials_of(old, device_id) - listed)]
     write_public(old.crl_file, to_pem(crl(ca, ca_key, entries)))
     _ensure_crl_in_conf(old)
-    files = _layout(old.out_dir, old.host, old.port, [d for d in old.devices if d != device_id])
+    files = _layout(old.out_dir, old.host, old.port, [d for d in old.devices if d != device_id],
+                    len(old.workers))
     _write_registry(files, {d: k for d, k in _registry_keys(old).items() if d != device_id})
     _write_description(files, [*revoked, device_id])
     return files
@@ -476,7 +527,7 @@ def certificate_expiry(files: GatewayFiles) -> dict[str, str]:
     """
     paths = {CA_ID: files.ca_cert if files.ca_cert.exists() else files.aggregator.ca,
              BROKER_ID: files.broker_cert}
-    paths |= {i: files.tls_for(i).cert for i in (AGGREGATOR_ID, *files.devices)}
+    paths |= {i: files.tls_for(i).cert for i in (AGGREGATOR_ID, *files.workers, *files.devices)}
     return {identity: load_certificate(path).not_valid_after_utc.isoformat()
             for identity, path in paths.items() if path is not None and path.exists()}
 
@@ -509,7 +560,8 @@ def _revoked_ids(files: GatewayFiles) -> list[str]:
 def load_gateway(out_dir: Path) -> GatewayFiles:
     """The paths of a gateway folder written by init_gateway (read from its gateway.json)."""
     raw = _description(out_dir)
-    return _layout(out_dir, str(raw["host"]), int(raw["port"]), [str(d) for d in raw["devices"]])
+    return _layout(out_dir, str(raw["host"]), int(raw["port"]), [str(d) for d in raw["devices"]],
+                   int(raw.get("workers", 0)))
 
 
 # -- command line --------------------------------------------------------------------------
@@ -526,7 +578,8 @@ def cmd_gateway_init(args: argparse.Namespace) -> int:
     """Write a gateway folder and print how to start the broker."""
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     with _one_line_errors("init"):
-        files = init_gateway(Path(args.out), devices, args.host, args.port, days=args.days)
+        files = init_gateway(Path(args.out), devices, args.host, args.port, days=args.days,
+                             workers=args.workers)
     print(f"gateway for {len(devices)} devices written to {files.out_dir}")
     print(f"start the broker:   mosquitto -c {files.mosquitto_conf}")
     print(f"aggregator files:   {files.out_dir / AGGREGATOR_ID}/")
@@ -544,6 +597,16 @@ def cmd_gateway_enroll(args: argparse.Namespace) -> int:
               f"{files.out_dir / GATEWAY_FILE} to it")
     print(f"the aggregator picks up {files.signing_registry} when it changes (copy it there if "
           "it runs elsewhere)")
+    return 0
+
+
+def cmd_gateway_workers(args: argparse.Namespace) -> int:
+    """Issue aggregator worker identities and say how to put them in use."""
+    with _one_line_errors("workers"):
+        files = add_workers(Path(args.gateway), args.count, args.days)
+    print(f"{len(files.workers)} aggregator worker identities in {files.out_dir}/"
+          f"{worker_id(0)}…; the ACL lets them read updates")
+    print("reload the broker to use the new ACL: kill -HUP <mosquitto pid>")
     return 0
 
 
@@ -586,7 +649,17 @@ def add_gateway_parser(subparsers: argparse._SubParsersAction) -> None:  # type:
                       help="name or address devices connect to (goes in the broker certificate)")
     init.add_argument("--port", type=int, default=DEFAULT_TLS_PORT)
     init.add_argument("--days", **days)
+    init.add_argument("--workers", type=int, default=0,
+                      help="identities for this many aggregator worker processes "
+                           "(edgefl aggregator --workers)")
     init.set_defaults(func=cmd_gateway_init)
+
+    workers = commands.add_parser(
+        "workers", help="issue identities for N aggregator worker processes (ACL included)")
+    workers.add_argument("--gateway", required=True, help="folder from `edgefl gateway init`")
+    workers.add_argument("count", type=int, metavar="N")
+    workers.add_argument("--days", **days)
+    workers.set_defaults(func=cmd_gateway_workers)
 
     enroll = commands.add_parser("enroll", help="add devices to an existing gateway folder")
     enroll.add_argument("--gateway", required=True, help="folder from `edgefl gateway init`")

@@ -24,6 +24,7 @@ from aggregator.workers import IngestWorker, MergingLeader
 from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
+from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
 from tests.test_group_commit import _wait
 from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
 from tests.test_storage_faults import QueueTransport
@@ -144,9 +145,9 @@ def _accepted(state: Path) -> int:
     return int(count)
 
 
-def _ready(state: Path) -> int:
+def _ready(state: Path, federation: str = KILL_FED) -> int:
     """How many workers have subscribed (each writes its row in the store once it has)."""
-    path = state / KILL_FED / DB_FILE
+    path = state / federation / DB_FILE
     try:
         with sqlite3.connect(path) as db:
             (count,) = db.execute("SELECT COUNT(*) FROM worker_rejections").fetchone()
@@ -228,3 +229,91 @@ def test_workers_with_a_strategy_that_cannot_merge_is_one_line(tmp_path: Path,
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "fedmedian needs every update of a round" in lines[0], lines
+
+
+# -- workers on a TLS gateway: an identity each, signed updates, the ACL ---------------------
+def test_workers_on_a_tls_gateway_take_only_signed_updates(
+        gateway_dir: Path, cnn_artifacts: Path, tmp_path: Path) -> None:  # noqa: F811
+    from edgefl.gateway import init_gateway, load_gateway
+    from protocol.signing import load_private_key, sign_payload
+    from tests.test_gateway_security import start_broker, stop_broker
+    from transport.broker import free_port
+
+    devices = ["dev-a", "dev-b", "dev-c"]
+    files = init_gateway(gateway_dir, devices, port=free_port())
+    fed, state = "tlsworkers", tmp_path / "state"
+    command = [sys.executable, "-m", "edgefl", "aggregator", "--gateway", str(gateway_dir),
+               "--federation", fed, "--artifacts", str(cnn_artifacts), "--rounds", "1",
+               "--clients-per-round", "3", "--min-clients", "3", "--deadline", "600",
+               "--state-dir", str(state), "--workers", "2"]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert refused.returncode != 0 and "edgefl gateway workers" in refused.stderr
+    added = subprocess.run([sys.executable, "-m", "edgefl", "gateway", "workers", "--gateway",
+                            str(gateway_dir), "2"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert added.returncode == 0, added.stderr
+    broker = start_broker(files)
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+    rng = np.random.default_rng(4)
+    leader = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    files = load_gateway(gateway_dir)
+    clients: list[MqttTransport] = []
+    try:
+        assert _wait(lambda: _ready(state, fed) == 2 or leader.poll() is not None, 60)
+        time.sleep(0.5)
+        # A device may not join the workers' share group: the ACL gives it no update to read.
+        spy = MqttTransport(files.host, files.port, "spy", tls=files.tls_for("dev-c"))
+        spy.start()
+        clients.append(spy)
+        spy.subscribe(topics.shared_update_filter(fed, f"aggregator-{fed}"))
+        sent, signed = [], []
+        for device in devices:
+            transport = MqttTransport(files.host, files.port, device, tls=files.tls_for(device))
+            transport.start()
+            clients.append(transport)
+            adapter = {k: (v + rng.standard_normal(v.shape)).astype(np.float32)
+                       for k, v in initial.items()}
+            update = Update(fed, 0, device, manifest.sha256, int(rng.integers(32, 640)),
+                            uuid.uuid4().hex, adapter)
+            payload = codec.encode_update(update)
+            topic = topics.update_topic(fed, device)
+            transport.publish(topic, payload)  # unsigned: rejected by whichever worker gets it
+            key = load_private_key(files.signing_keys[device])
+            signed.append((transport, topic, sign_payload(key, device, payload)))
+            sent.append(update)
+        assert _wait(lambda: _rejected(state, fed) == {"signature-unsigned": 3}, 60)
+        for transport, topic, payload in signed:
+            transport.publish(topic, payload)
+        leader.wait(90)
+        assert spy.receive(1) is None
+    finally:
+        for client in clients:
+            client.stop()
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
+        stop_broker(broker)
+    stderr = leader.stderr.read().decode() if leader.stderr else ""
+    assert leader.returncode == 0, stderr
+    final = GlobalStore(state / fed).global_at(1)
+    assert final is not None
+    expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
+    for name in expected:
+        np.testing.assert_allclose(final[name], expected[name], rtol=1e-6, atol=1e-7)
+    assert _rejected(state, fed) == {"signature-unsigned": 3}
+
+
+def _rejected(state: Path, federation: str) -> dict[str, int]:
+    """The workers' rejection counts, added up, as the store holds them."""
+    total: dict[str, int] = {}
+    try:
+        rows = GlobalStore(state / federation).worker_rejections()
+    except sqlite3.Error:  # not created yet
+        return total
+    for counts in rows.values():
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
