@@ -509,14 +509,8 @@ class Coordinator:
             # the inbox runs dry, the group is full or the round must close, so a round never
             # takes more updates than handling them one at a time would have given it. While
             # the commit syncs, paho's network thread goes on reading the next messages.
-            message = self.transport.receive(timeout=0 if self._group else POLL_S)
-            if message is not None:
-                self._fold(message)
-                if len(self._group) < BATCH_MAX and not self._round_complete():
-                    continue
-            self._flush()
-            if self._deferred and self.now() - self._last_retry > RETRY_STORAGE_S:
-                self._retry_deferred()
+            if not self._take(self.transport.receive(timeout=0 if self._group else POLL_S)):
+                continue
             if not self._round_ready():
                 if self.now() - self._last_publish > self.config.republish_s:
                     self._republish()
@@ -543,6 +537,18 @@ class Coordinator:
             if final:
                 break
         return records
+
+    def _take(self, message: Received | None) -> bool:
+        """Fold `message` (if any) into the group; commit the group when the inbox ran dry, it
+        is full or the round must close. True once committed: the caller looks at the round."""
+        if message is not None:
+            self._fold(message)
+            if len(self._group) < BATCH_MAX and not self._round_complete():
+                return False
+        self._flush()
+        if self._deferred and self.now() - self._last_retry > RETRY_STORAGE_S:
+            self._retry_deferred()
+        return True
 
     def _retry_deferred(self) -> None:
         """Hand in again, as one group, the updates that could not be stored (the group is

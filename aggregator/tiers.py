@@ -20,9 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from aggregator.coordinator import (
-    BATCH_MAX,
     POLL_S,
-    RETRY_STORAGE_S,
     Coordinator,
     Rejected,
     RoundRecord,
@@ -157,13 +155,8 @@ class GatewayTier(Coordinator):
                     if self.on_round is not None:
                         self.on_round(record, self.adapter)
                 continue
-            if message is not None:
-                self._fold(message)
-                if len(self._group) < BATCH_MAX and not self._round_complete():
-                    continue
-            self._flush()
-            if self._deferred and self.now() - self._last_retry > RETRY_STORAGE_S:
-                self._retry_deferred()
+            if not self._take(message):
+                continue
             if self.now() - self._last_publish > self.config.republish_s:
                 self._relay()
                 if self._sealed:

@@ -18,9 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from aggregator.coordinator import (
-    BATCH_MAX,
     POLL_S,
-    RETRY_STORAGE_S,
     Coordinator,
     Rejected,
     RoundRecord,
@@ -114,13 +112,7 @@ class IngestWorker(Coordinator):
             if self.store.latest_round() != self.round:  # the leader closed our round
                 self._flush()
                 self._follow()
-            if message is not None:
-                self._fold(message)
-                if len(self._group) < BATCH_MAX:
-                    continue
-            self._flush()
-            if self._deferred and self.now() - self._last_retry > RETRY_STORAGE_S:
-                self._retry_deferred()
+            self._take(message)
         self._flush()
         return []
 

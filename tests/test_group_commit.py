@@ -208,8 +208,10 @@ def _start(broker: Broker, artifacts: Path, state: Path) -> subprocess.Popen[byt
     )
 
 
-def _accepted(state: Path) -> int:
-    path = state / KILL_FED / DB_FILE
+def accepted_count(state: Path, federation: str = KILL_FED) -> int:
+    """Updates the aggregator of `federation` under `state` has committed (0 before it has a
+    database), read over a connection of our own."""
+    path = state / federation / DB_FILE
     if not path.exists():
         return 0
     try:
@@ -220,16 +222,24 @@ def _accepted(state: Path) -> int:
     return int(count)
 
 
-def test_sigkill_during_group_commits_loses_and_doubles_nothing(
-        mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path) -> None:
-    manifest = load_manifest(cnn_artifacts)
-    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
-    rng = np.random.default_rng(1)
-    sent = [Update(KILL_FED, 0, f"d{i:02d}", manifest.sha256, int(rng.integers(32, 640)),
+def burst(artifacts: Path, federation: str, n: int, seed: int
+          ) -> tuple[list[Update], list[tuple[str, bytes]]]:
+    """`n` round-0 updates of random CNN adapters from distinct devices, and (topic, payload)
+    of each, ready to publish."""
+    manifest = load_manifest(artifacts)
+    initial = load_file(str(artifacts / manifest.files["adapter_init"]))
+    rng = np.random.default_rng(seed)
+    sent = [Update(federation, 0, f"d{i:03d}", manifest.sha256, int(rng.integers(32, 640)),
                    uuid.uuid4().hex,
                    {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()})
-            for i in range(BURST)]
-    payloads = [(topics.update_topic(KILL_FED, u.device_id), codec.encode_update(u)) for u in sent]
+            for i in range(n)]
+    return sent, [(topics.update_topic(federation, u.device_id), codec.encode_update(u))
+                  for u in sent]
+
+
+def test_sigkill_during_group_commits_loses_and_doubles_nothing(
+        mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path) -> None:
+    sent, payloads = burst(cnn_artifacts, KILL_FED, BURST, seed=1)
     device = MqttTransport(mosquitto.host, mosquitto.port, "burst-devices")
     device.start()
     watcher = MqttTransport(mosquitto.host, mosquitto.port, "burst-watcher")
@@ -241,12 +251,12 @@ def test_sigkill_during_group_commits_loses_and_doubles_nothing(
     def kill_once_accepted(at_least: int) -> subprocess.Popen[bytes]:
         """SIGKILL as soon as `at_least` updates are committed (the rest are in flight, being
         decoded or committed), then start a fresh aggregator on the same state."""
-        assert _wait(lambda: _accepted(state) >= at_least or proc.poll() is not None, 60)
+        assert _wait(lambda: accepted_count(state) >= at_least or proc.poll() is not None, 60)
         if proc.poll() is not None:  # it finished first (a fast machine): nothing to cut
             return proc
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        kills.append(_accepted(state))
+        kills.append(accepted_count(state))
         return _start(mosquitto, cnn_artifacts, state)
 
     proc = _start(mosquitto, cnn_artifacts, state)
@@ -279,7 +289,7 @@ def test_sigkill_during_group_commits_loses_and_doubles_nothing(
     expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
     for name in expected:
         np.testing.assert_allclose(final.adapter[name], expected[name], rtol=1e-6, atol=1e-7)
-    assert _accepted(state) == BURST
+    assert accepted_count(state) == BURST
     with sqlite3.connect(state / KILL_FED / DB_FILE) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 

@@ -25,7 +25,7 @@ from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
 from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
-from tests.test_group_commit import _wait
+from tests.test_group_commit import _wait, accepted_count, burst
 from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
 from tests.test_storage_faults import QueueTransport
 from transport.broker import Broker
@@ -133,18 +133,6 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def _accepted(state: Path) -> int:
-    path = state / KILL_FED / DB_FILE
-    if not path.exists():
-        return 0
-    try:
-        with sqlite3.connect(path) as db:
-            (count,) = db.execute("SELECT COUNT(*) FROM accepted").fetchone()
-    except sqlite3.OperationalError:
-        return 0
-    return int(count)
-
-
 def _ready(state: Path, federation: str = KILL_FED) -> int:
     """How many workers have subscribed (each writes its row in the store once it has)."""
     path = state / federation / DB_FILE
@@ -158,14 +146,7 @@ def _ready(state: Path, federation: str = KILL_FED) -> int:
 
 def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
         mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path) -> None:
-    manifest = load_manifest(cnn_artifacts)
-    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
-    rng = np.random.default_rng(2)
-    sent = [Update(KILL_FED, 0, f"d{i:03d}", manifest.sha256, int(rng.integers(32, 640)),
-                   uuid.uuid4().hex,
-                   {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()})
-            for i in range(BURST)]
-    payloads = [(topics.update_topic(KILL_FED, u.device_id), codec.encode_update(u)) for u in sent]
+    sent, payloads = burst(cnn_artifacts, KILL_FED, BURST, seed=2)
     device = MqttTransport(mosquitto.host, mosquitto.port, "shared-devices")
     device.start()
     watcher = MqttTransport(mosquitto.host, mosquitto.port, "shared-watcher")
@@ -184,15 +165,17 @@ def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
         assert _wait(lambda: watcher.receive(0.5) is not None, 60)  # round 0 is open
         assert _wait(lambda: _ready(state) == 2, 60)  # both workers subscribed
         time.sleep(0.5)  # the broker has handled the SUBSCRIBE sent before that row
+        # The victim is frozen first, so it surely holds unacknowledged updates when it dies
+        # (a worker that happened to have acknowledged its whole share would prove nothing).
+        victim = _children(leader.pid)[0]
+        os.kill(victim, signal.SIGSTOP)
         for topic, payload in payloads:
             device.publish(topic, payload)
         for topic, payload in payloads[:10]:  # devices resending the same bytes
             device.publish(topic, payload)
-        assert _wait(lambda: _accepted(state) >= 20 or leader.poll() is not None, 60)
-        if leader.poll() is None:
-            victim = _children(leader.pid)[0]
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+        assert _wait(lambda: accepted_count(state, KILL_FED) >= 20, 60)  # the other one works
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
         final = None
         deadline = time.monotonic() + 90
         while final is None and time.monotonic() < deadline:
