@@ -93,13 +93,13 @@ ROUNDS = 2
 DEVICES = {"g1": ["a1", "a2", "a3"], "g2": ["b1", "b2"]}
 
 
-def _aggregator(broker: Broker, artifacts: Path, state: Path, *extra: str
-                ) -> subprocess.Popen[bytes]:
+def _aggregator(broker: Broker, artifacts: Path, state: Path, *extra: str,
+                federation: str = HFED, rounds: int = ROUNDS) -> subprocess.Popen[bytes]:
     state.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "edgefl", "-v", "aggregator", "--host", broker.host, "--port",
-         str(broker.port), "--federation", HFED, "--artifacts", str(artifacts), "--rounds",
-         str(ROUNDS), "--deadline", "600", "--state-dir", str(state), *extra],
+         str(broker.port), "--federation", federation, "--artifacts", str(artifacts),
+         "--rounds", str(rounds), "--deadline", "600", "--state-dir", str(state), *extra],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(state.with_suffix(".log"), "wb"))
 
 
@@ -233,3 +233,79 @@ def test_a_gateway_restarted_after_sealing_sends_the_same_sum_and_takes_no_more(
     restarted.run(stop=lambda: restarted.round == 1)
     assert restarted.round == 1 and not restarted._sealed
     assert (topics.global_topic(FED), upstream) in again.published  # the same bytes
+
+
+def test_real_devices_behind_two_gateways_train_the_flat_fedavg_model(
+        cnn_artifacts: Path, tmp_path: Path) -> None:
+    """ExecuTorch and ONNX Runtime devices train on their own data behind two bridged gateways;
+    every upstream global is the FedAvg of the updates the devices actually sent."""
+    import threading
+
+    from edge_client.agent import DeviceAgent, device_seed
+    from edge_client.data import device_partitions
+    from edge_client.trainer import make_trainer
+
+    fed, rounds = "tiersreal", 2
+    layout = {"g1": ["et-1", "ort-1"], "g2": ["et-2", "ort-2"]}
+    private, parts = device_partitions(4, alpha=0.5, seed=2)
+    procs: list[subprocess.Popen[bytes]] = []
+    spies: dict[str, MqttTransport] = {}
+    with Broker() as upstream:
+        gateways = {g: Broker(bridge=bridge_conf(g, upstream.host, upstream.port,
+                                                   topics.bridge_topics())) for g in layout}
+        watcher = MqttTransport(upstream.host, upstream.port, "watch-up")
+        try:
+            watcher.start()
+            watcher.subscribe(topics.global_topic(fed))
+            procs.append(_aggregator(upstream, cnn_artifacts, tmp_path / "up", "--local-steps",
+                                     "10", "--merge-gateways", "g1,g2", federation=fed,
+                                     rounds=rounds))
+            for g, devices in layout.items():
+                procs.append(_aggregator(gateways[g], cnn_artifacts, tmp_path / g, "--upstream",
+                                         g, "--clients-per-round", "2", "--min-clients", "2",
+                                         federation=fed, rounds=rounds))
+                spies[g] = MqttTransport(gateways[g].host, gateways[g].port, f"spy-{g}")
+                spies[g].start()
+                spies[g].subscribe(topics.update_filter(fed))
+            agents, index = [], 0
+            for g, devices in layout.items():
+                for device in devices:
+                    backend = "executorch" if device.startswith("et") else "onnxruntime"
+                    data = private.subset(parts[index])
+                    index += 1
+                    transport = MqttTransport(gateways[g].host, gateways[g].port, device,
+                                              will=DeviceAgent.will(fed, device))
+                    agents.append(DeviceAgent(device, fed, make_trainer(backend, cnn_artifacts),
+                                              data.x, data.y, transport, tmp_path / "devices",
+                                              seed=device_seed(device)))
+            threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+            for thread in threads:
+                thread.start()
+            globals_up = [_next_global(watcher, r + 1, 180)[0] for r in range(rounds)]
+            for thread in threads:
+                thread.join(60)
+            for proc in procs:
+                proc.wait(60)
+        finally:
+            watcher.stop()
+            for spy in spies.values():
+                spy.stop()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            for broker in gateways.values():
+                broker.stop()
+    assert all(proc.returncode == 0 for proc in procs)
+    assert [a.rounds_trained for a in agents] == [rounds] * 4
+    sent: dict[int, dict[str, Update]] = {}
+    for spy in spies.values():
+        while (message := spy.receive(0.5)) is not None:
+            update = codec.decode_update(message.payload)
+            sent.setdefault(update.round, {})[update.device_id] = update  # resends: same bytes
+    for r, model in enumerate(globals_up):
+        updates = list(sent[r].values())
+        assert sorted(u.device_id for u in updates) == ["et-1", "et-2", "ort-1", "ort-2"]
+        expected = fedavg([(u.adapter, float(u.num_samples)) for u in updates])
+        for name in expected:
+            np.testing.assert_allclose(model.adapter[name], expected[name], rtol=1e-6, atol=1e-7)
