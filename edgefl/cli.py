@@ -161,6 +161,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     manifest = load_manifest(artifacts)
     workers = args.workers or args.worker_index is not None
     gateways = _gateway_ids(args.merge_gateways)
+    if args.upstream is not None:
+        _gateway_ids(args.upstream, "--upstream")
     tiers = [o for o, on in (("--workers", workers), ("--upstream", args.upstream),
                              ("--merge-gateways", gateways)) if on]
     if len(tiers) > 1:
@@ -265,9 +267,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_ids(text: str | None) -> frozenset[str]:
-    """--merge-gateways as a set of ids, or a one-line exit for an unusable one."""
-    if not text:
+def _gateway_ids(text: str | None, option: str = "--merge-gateways") -> frozenset[str]:
+    """A comma-separated list of gateway ids as a set, or a one-line exit for an unusable one."""
+    if text is None:
         return frozenset()
     from protocol.messages import check_segment
 
@@ -275,9 +277,13 @@ def _gateway_ids(text: str | None) -> frozenset[str]:
     try:
         ids = frozenset(check_segment(n, "gateway id") for n in names)
     except ValueError as exc:
-        raise SystemExit(f"edgefl: --merge-gateways: {exc}") from exc
-    if len(ids) != len(names) or not ids:
-        raise SystemExit(f"edgefl: --merge-gateways needs distinct gateway ids, got {text!r}")
+        raise SystemExit(f"edgefl: {option}: {exc}") from exc
+    if not ids:
+        raise SystemExit(f"edgefl: {option} names no gateway")
+    if len(ids) != len(names):
+        raise SystemExit(f"edgefl: {option} needs distinct gateway ids, got {text!r}")
+    if option == "--upstream" and len(ids) > 1:
+        raise SystemExit(f"edgefl: --upstream takes this gateway's one id, got {text!r}")
     return ids
 
 

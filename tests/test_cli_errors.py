@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -46,4 +48,21 @@ def test_a_combination_that_would_break_is_one_line(cnn_artifacts: Path, tmp_pat
     proc = _aggregator("--artifacts", str(cnn_artifacts), "--strategy", "trimmed_mean",
                        "--min-clients", "2", state=tmp_path / "state")
     _one_line_error(proc, "trims nothing")
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (["--workers", "-1"], "--workers must be 0"),
+    (["--workers", "2", "--upstream", "g1"], "--workers and --upstream do not go together"),
+    (["--upstream", "g1", "--merge-gateways", "g1,g2"], "do not go together"),
+    (["--upstream", "a/b"], "--upstream: gateway id 'a/b'"),
+    (["--upstream", "g1,g2"], "--upstream takes this gateway's one id"),
+    (["--merge-gateways", "g1,g1"], "distinct gateway ids"),
+    (["--merge-gateways", ","], "--merge-gateways names no gateway"),
+    (["--workers", "2", "--mode", "async"], "merges synchronous rounds"),
+])
+def test_bad_scale_out_options_are_one_line(options: list[str], words: str, cnn_artifacts: Path,
+                                            tmp_path: Path) -> None:
+    proc = _aggregator("--artifacts", str(cnn_artifacts), *options, state=tmp_path / "state")
+    _one_line_error(proc, words)
     assert not (tmp_path / "state").exists()
