@@ -134,17 +134,29 @@ class IngestWorker(Coordinator):
 
 
 class MergingLeader(Coordinator):
-    """Closes each round from the workers' partial sums and publishes the globals; it reads
-    device statuses itself, updates only through the workers."""
+    """Closes each round from the `workers` workers' partial sums and publishes the globals; it
+    reads device statuses itself, updates only through the workers."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, workers: int, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         check_mergeable(self.config, "--workers")
+        self.workers = workers
         self._count = self.store.accepted_count(self.round)
         self._worker_rejections: Counter[str] = Counter()
 
     def _subscriptions(self) -> tuple[str, ...]:
         return (topics.status_filter(self.config.federation),)
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
+        """Wait until every worker has subscribed (the first time: the broker keeps no update
+        for a share group before it has a member), then run rounds as Coordinator does."""
+        waiting = False
+        while not stop() and len(self.store.worker_rejections()) < self.workers:
+            if not waiting:
+                logger.info("waiting for %d worker processes to subscribe", self.workers)
+                waiting = True
+            time.sleep(POLL_S)
+        return super().run(stop)
 
     def _reported(self) -> int:
         return self._count

@@ -44,7 +44,8 @@ def _gateway(folder: Path, workers: int = 2, **fields: object
              ) -> tuple[MergingLeader, list[IngestWorker]]:
     """A leader and `workers` workers on one state folder, each with its own connection."""
     config = _config(**fields)
-    leader = MergingLeader(config, MANIFEST, ZERO, QueueTransport(), GlobalStore(folder))
+    leader = MergingLeader(config, MANIFEST, ZERO, QueueTransport(), GlobalStore(folder),
+                           workers=workers)
     return leader, [IngestWorker(config, MANIFEST, ZERO, QueueTransport(), GlobalStore(folder),
                                  worker=f"w{i}") for i in range(workers)]
 
