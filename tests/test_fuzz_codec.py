@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 
 from aggregator.coordinator import AggregatorConfig, Coordinator, Rejected
 from aggregator.store import GlobalStore
+from aggregator.tiers import GatewayMerger
 from protocol import codec, topics
 from protocol.codec import DecodeError
 from protocol.manifest import Manifest, TensorSpec
-from protocol.messages import GlobalModel, TrainConfig, Update
+from protocol.messages import GlobalModel, PartialSum, TrainConfig, Update
 from protocol.signing import (
     SignatureError,
     generate_signing_key,
@@ -261,3 +262,48 @@ def test_open_signed_raises_only_signature_error(frame: bytes, device_id: str) -
     except SignatureError:
         return
     assert payload == VALID_UPDATES[0]  # anything that verifies is the signed payload itself
+
+
+# -- partial sums between aggregators (a gateway is as untrusted as a device) ----------------
+VALID_PARTIAL = codec.encode_partial(PartialSum(
+    FED, 0, "g1", MANIFEST.sha256, 96.0, 2,
+    {k: v.astype(np.float64) * 96.0 for k, v in make_adapter(3, SHAPES).items()},
+    {"train_loss": 48.0}, 1234))
+
+
+@pytest.fixture(scope="module")
+def merger() -> Iterator[GatewayMerger]:
+    folder = Path(tempfile.mkdtemp(prefix="edgefl-fuzz-"))
+    config = AggregatorConfig(federation=FED, rounds=3, clients_per_round=2, min_clients=1,
+                              allowed_devices=frozenset({"g1", "g2"}))
+    yield GatewayMerger(config, MANIFEST, make_adapter(0, SHAPES), StubTransport(),
+                        GlobalStore(folder))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+_ANY_PARTIAL = st.one_of(
+    st.binary(max_size=512), st.binary(max_size=512).map(_compress),
+    byte_mutations(VALID_PARTIAL), byte_mutations(_decompressed(VALID_PARTIAL)).map(_compress),
+    header_mutations(VALID_PARTIAL), st.sampled_from(VALID_UPDATES),
+)
+
+
+@FUZZ
+@given(payload=_ANY_PARTIAL)
+def test_decode_partial_raises_only_decode_error(payload: bytes) -> None:
+    _decodes_or_decode_error(codec.decode_partial, payload)
+
+
+@FUZZ
+@given(payload=_ANY_PARTIAL, topic=st.one_of(st.just(topics.partial_topic(FED, "g1")),
+                                            st.text(max_size=40)))
+def test_upstream_validate_raises_only_rejected(merger: GatewayMerger, payload: bytes,
+                                                topic: str) -> None:
+    try:
+        merger.validate(topic, payload)
+    except Rejected:
+        pass
+
+
+def test_the_unmutated_partial_passes_upstream_validation(merger: GatewayMerger) -> None:
+    assert merger.validate(topics.partial_topic(FED, "g1"), VALID_PARTIAL).weight == 96.0
