@@ -55,6 +55,9 @@ class IngestWorker(Coordinator):
         f = self.config.federation
         return (topics.shared_update_filter(f, share_group(f)),)
 
+    def _round_complete(self) -> bool:
+        return False  # the leader closes rounds; a group ends when full or the inbox runs dry
+
     def _restore_open_round(self) -> tuple[OpenRound, RoundAggregator]:
         saved = self.store.partial(self.round, self.worker)
         if saved is None:
