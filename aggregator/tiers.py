@@ -43,6 +43,7 @@ class GatewayTier(Coordinator):
     complete round upstream as a partial sum, and takes the next global from upstream."""
 
     def __init__(self, *args: object, gateway_id: str, **kwargs: object) -> None:
+        self._final = False  # upstream's last global arrived (read by the constructor too)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         check_mergeable(self.config, "--upstream")
         self.gateway_id = gateway_id
@@ -50,6 +51,10 @@ class GatewayTier(Coordinator):
         self._sealed = self.store.is_sealed(self.round)
         self._global: bytes | None = None  # upstream's global of the open round, as received
         self._last_publish = self.now()
+
+    def _finished(self) -> bool:
+        # Upstream decides when the federation ends (this gateway's own --rounds is not used).
+        return self._final
 
     def _publish_global(self, final: bool = False) -> None:
         """Relay upstream's global of the open round to this gateway's devices (retained)."""
@@ -103,6 +108,7 @@ class GatewayTier(Coordinator):
         if model.round < self.round or (model.round == self.round
                                          and message.payload == self._global):
             return None  # an old global, or the open round's again
+        self._final = model.final
         if model.round == self.round:  # the open round's global, first seen (or at a restart)
             self._global = message.payload
             self._relay()

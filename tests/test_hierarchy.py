@@ -130,9 +130,10 @@ def test_two_bridged_gateways_give_the_flat_fedavg_global(cnn_artifacts: Path,
             procs.append(_aggregator(upstream, cnn_artifacts, tmp_path / "up",
                                      "--merge-gateways", "g1,g2"))
             for g, devices in DEVICES.items():
+                # Its own --rounds is not used: upstream's final global ends the gateway too.
                 procs.append(_aggregator(gateways[g], cnn_artifacts, tmp_path / g, "--upstream",
                                          g, "--clients-per-round", str(len(devices)),
-                                         "--min-clients", str(len(devices))))
+                                         "--min-clients", str(len(devices)), rounds=7))
             watchers = {}
             for name, broker in [("up", upstream), *gateways.items()]:
                 watchers[name] = MqttTransport(broker.host, broker.port, f"watch-{name}")
