@@ -191,6 +191,8 @@ def acl_text(workers: Sequence[str] = ()) -> str:
         f"pattern write {root}/+/status/%u\n"
         f"pattern read {root}/+/global\n"
         f"pattern read {root}/+/residual\n"
+        "# A gateway's bridge, enrolled here under its gateway id, sends its partial sums.\n"
+        f"pattern write {root}/+/partial/%u\n"
         "\n"
         "# Only the aggregator reads updates and statuses, and only it publishes the global.\n"
         f"user {AGGREGATOR_ID}\n"
@@ -202,6 +204,8 @@ def acl_text(workers: Sequence[str] = ()) -> str:
         "# the bridge, and the bridge delivers the upstream global under upstream/.\n"
         f"topic write {root}/+/partial/+\n"
         f"topic read upstream/{root}/+/global\n"
+        "# As the upstream aggregator (--merge-gateways): reads the gateways' partial sums.\n"
+        f"topic read {root}/+/partial/+\n"
         + "".join(f"\n# Aggregator worker process (edgefl aggregator --workers): reads updates.\n"
                   f"user {w}\ntopic read {root}/+/update/+\n" for w in workers)
     )

@@ -172,7 +172,10 @@ def test_init_writes_private_keys_0600_and_a_valid_chain(gateway_dir: Path) -> N
         "topic write fl/v1/+/residual",
         "# Under an upstream aggregator (--upstream): its round goes up as a partial sum through",
         "# the bridge, and the bridge delivers the upstream global under upstream/.",
-        "topic write fl/v1/+/partial/+", "topic read upstream/fl/v1/+/global"]
+        "topic write fl/v1/+/partial/+", "topic read upstream/fl/v1/+/global",
+        "# As the upstream aggregator (--merge-gateways): reads the gateways' partial sums.",
+        "topic read fl/v1/+/partial/+"]
+    assert "pattern write fl/v1/+/partial/%u" in acl
     assert load_gateway(gateway_dir) == files
 
 
@@ -294,6 +297,24 @@ def test_device_cannot_read_other_devices_updates_or_statuses(
     assert message is not None and message.payload == b"secret-update"
     assert _drain(spy) == []
     for transport in (spy, aggregator, device_b):
+        transport.stop()
+
+
+def test_a_gateway_bridge_identity_sends_only_its_own_partial_sums(
+        gateway: GatewayFiles, fed: str) -> None:
+    # On an upstream broker provisioned by `gateway init`, a gateway's bridge connects with an
+    # identity enrolled under its gateway id (dev-a here): it may write its own partial-sum
+    # topic, and only the aggregator reads partial sums.
+    aggregator = _client(gateway, AGGREGATOR_ID)
+    bridge = _client(gateway, "dev-a")
+    _subscribed(aggregator, topics.partial_filter(fed), bridge, topics.partial_topic(fed, "dev-a"))
+    spy = _client(gateway, "dev-b")
+    spy.subscribe(topics.partial_filter(fed))
+    bridge.publish(topics.partial_topic(fed, "dev-b"), b"forged-partial")
+    bridge.publish(topics.partial_topic(fed, "dev-a"), b"partial")
+    assert [m.payload for m in _drain(aggregator)] == [b"partial"]
+    assert _drain(spy) == []
+    for transport in (aggregator, bridge, spy):
         transport.stop()
 
 
