@@ -310,3 +310,91 @@ def test_real_devices_behind_two_gateways_train_the_flat_fedavg_model(
         expected = fedavg([(u.adapter, float(u.num_samples)) for u in updates])
         for name in expected:
             np.testing.assert_allclose(model.adapter[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_tls_gateways_bridge_to_a_tls_upstream(cnn_artifacts: Path, tmp_path: Path) -> None:
+    """The same topology on gateways provisioned by `edgefl gateway init`: TLS everywhere,
+    signed device updates, each bridge an identity enrolled upstream under its gateway id."""
+    import os
+    import shutil
+    import tempfile
+
+    from edgefl.gateway import _broker_user, init_gateway
+    from protocol.signing import load_private_key, sign_payload
+    from tests.test_gateway_security import start_broker, stop_broker
+    from transport.broker import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="edgefl-tiers-"))
+    root.chmod(0o755)  # Mosquitto may run as its own user: it must reach these folders
+    fed, devices = "tlstiers", {"g1": ["a1", "a2"], "g2": ["b1"]}
+    brokers, procs, clients = [], [], []
+    try:
+        up = init_gateway(root / "up", list(devices), port=free_port())
+        gws = {g: init_gateway(root / g, ids, port=free_port()) for g, ids in devices.items()}
+        for g, files in gws.items():
+            # The bridge connects upstream as identity g: a copy of its files that the broker's
+            # own user can read.
+            tls = up.tls_for(g)
+            bridge_dir = root / f"bridge-{g}"
+            bridge_dir.mkdir()
+            copies = [Path(shutil.copy(f, bridge_dir)) for f in (tls.ca, tls.cert, tls.key)]
+            if (user := _broker_user()) is not None:
+                import pwd
+                entry = pwd.getpwnam(user)
+                for path in copies:
+                    os.chown(path, entry.pw_uid, entry.pw_gid)
+            with open(files.mosquitto_conf, "a") as conf:
+                conf.write(bridge_conf(g, up.host, up.port, topics.bridge_topics(),
+                                       (copies[0], copies[1], copies[2])))
+        brokers = [start_broker(up), *(start_broker(f) for f in gws.values())]
+        common = ["--federation", fed, "--artifacts", str(cnn_artifacts), "--rounds", "1",
+                  "--deadline", "600"]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "edgefl", "aggregator", "--gateway", str(up.out_dir),
+             *common, "--merge-gateways", "g1,g2", "--state-dir", str(tmp_path / "up")],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        for g, files in gws.items():
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "edgefl", "aggregator", "--gateway", str(files.out_dir),
+                 *common, "--upstream", g, "--clients-per-round", str(len(devices[g])),
+                 "--min-clients", str(len(devices[g])), "--state-dir", str(tmp_path / g)],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        manifest = load_manifest(cnn_artifacts)
+        initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+        rng = np.random.default_rng(5)
+        sent = []
+        for g, files in gws.items():
+            for device in devices[g]:
+                transport = MqttTransport(files.host, files.port, device,
+                                          tls=files.tls_for(device))
+                transport.start()
+                clients.append(transport)
+                transport.subscribe(topics.global_topic(fed))
+                assert transport.receive(60) is not None  # the gateway relayed round 0
+                update = Update(fed, 0, device, manifest.sha256, int(rng.integers(32, 640)),
+                                uuid.uuid4().hex,
+                                {k: (v + rng.standard_normal(v.shape)).astype(np.float32)
+                                 for k, v in initial.items()})
+                key = load_private_key(files.signing_keys[device])
+                transport.publish(topics.update_topic(fed, device),
+                                  sign_payload(key, device, codec.encode_update(update)))
+                sent.append(update)
+        for proc in procs:
+            proc.wait(90)
+    finally:
+        for client in clients:
+            client.stop()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for broker in brokers:
+            stop_broker(broker)
+        shutil.rmtree(root, ignore_errors=True)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+    final = GlobalStore(tmp_path / "up" / fed).global_at(1)
+    assert final is not None
+    expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
+    for name in expected:
+        np.testing.assert_allclose(final[name], expected[name], rtol=1e-6, atol=1e-7)

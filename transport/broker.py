@@ -50,12 +50,16 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def bridge_conf(name: str, host: str, port: int, topic_lines: tuple[str, ...]) -> str:
+def bridge_conf(name: str, host: str, port: int, topic_lines: tuple[str, ...],
+                tls: tuple[Path, Path, Path] | None = None) -> str:
     """Mosquitto bridge lines for a gateway broker under an upstream broker (docs/DEPLOY.md):
     the given `topic` lines (protocol.topics.bridge_topics), and a persistent bridge session so
-    that nothing is lost while the link is down."""
+    that nothing is lost while the link is down. With `tls` (CA, certificate, key: an identity
+    the upstream broker knows), the bridge connects over TLS and checks the upstream's name."""
+    secure = "" if tls is None else (f"bridge_cafile {tls[0]}\nbridge_certfile {tls[1]}\n"
+                                     f"bridge_keyfile {tls[2]}\n")
     return (f"\nconnection {name}\naddress {host}:{port}\nremote_clientid bridge-{name}\n"
-            "cleansession false\n" + "".join(f"topic {line}\n" for line in topic_lines))
+            "cleansession false\n" + secure + "".join(f"topic {line}\n" for line in topic_lines))
 
 
 class Broker:
