@@ -429,6 +429,7 @@ def _federation_config(args: argparse.Namespace, out: str) -> object:
         update_encoding=args.update_encoding, update_topk=args.update_topk,
         strategy=args.strategy, workload=args.workload, num_clusters=args.clusters,
         task_schedule=task_schedule(args), rounds_per_task=args.rounds_per_task,
+        aggregator_workers=args.aggregator_workers,
     )
 
 
@@ -592,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "minilm-fortunes: pretrained all-MiniLM-L6-v2 on fortune quotes")
         p.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
         p.add_argument("--out", help="results folder")
+        p.add_argument("--aggregator-workers", type=int, default=0, metavar="N",
+                       help="run the aggregator as edgefl aggregator --workers N does: N worker "
+                            "processes on a shared subscription and a merging leader")
         method_args(p)
 
     p = sub.add_parser("demo", help="broker + aggregator + a few devices of a workload")

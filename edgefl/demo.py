@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -22,8 +23,9 @@ from safetensors.numpy import load_file
 
 from aggregator.coordinator import AggregatorConfig, Coordinator, RoundRecord
 from aggregator.exact import lora_layers, residual_ratio
-from aggregator.registry import RESIDUAL_STRATEGIES, STRATEGY_NAMES
+from aggregator.registry import RESIDUAL_STRATEGIES, STRATEGY_NAMES, check_mergeable
 from aggregator.store import GlobalStore
+from aggregator.workers import MergingLeader, Supervisor
 from edge_client.fleet import (
     DEVICES_PER_PROCESS,
     FleetConfig,
@@ -77,12 +79,21 @@ class FederationConfig:
     # fed-talora (or any strategy, for a continual baseline): classes of each task, in order
     task_schedule: tuple[tuple[int, ...], ...] = ()
     rounds_per_task: int = 1
+    # >0: the aggregator as a leader and this many worker processes on a shared subscription
+    # (edgefl aggregator --workers; docs/DEPLOY.md section 6.1)
+    aggregator_workers: int = 0
 
     def __post_init__(self) -> None:
         # The aggregator's own checks (strategy, clusters, schedule, mode), before any work.
-        AggregatorConfig(rounds=self.rounds, strategy=self.strategy, mode=self.mode,
-                         num_clusters=self.num_clusters, task_schedule=self.task_schedule,
-                         rounds_per_task=self.rounds_per_task)
+        checked = AggregatorConfig(rounds=self.rounds, strategy=self.strategy, mode=self.mode,
+                                   num_clusters=self.num_clusters,
+                                   task_schedule=self.task_schedule,
+                                   rounds_per_task=self.rounds_per_task)
+        if self.aggregator_workers < 0:
+            raise ValueError(f"aggregator workers must be 0 or more, "
+                             f"got {self.aggregator_workers}")
+        if self.aggregator_workers:
+            check_mergeable(checked, "--aggregator-workers")
         if self.strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from "
                              f"{', '.join(STRATEGY_NAMES)}")
@@ -135,6 +146,7 @@ class FederationResult:
     # a task schedule: the final model's accuracy on each trained task's classes (forgetting)
     task_accuracy: list[float] = field(default_factory=list)
     native_failures: int = 0  # native devices that exited with an error
+    worker_restarts: int = 0  # aggregator worker processes restarted after dying
 
     @property
     def improved(self) -> bool:
@@ -215,12 +227,30 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
             strategy=config.strategy, num_clusters=config.num_clusters,
             task_schedule=config.task_schedule, rounds_per_task=config.rounds_per_task,
         )
-        agg_transport = MqttTransport(broker.host, broker.port, f"aggregator-{federation}",
+        leader = "-leader" if config.aggregator_workers else ""
+        agg_transport = MqttTransport(broker.host, broker.port, f"aggregator-{federation}{leader}",
                                       persistent_session=True, manual_ack=True,
                                       mqtt_version=broker.mqtt_version)
         agg_transport.start()
-        coordinator = Coordinator(agg_config, manifest, initial, agg_transport,
-                                  GlobalStore(run_dir / "aggregator"), on_round=on_round)
+        # The CLI keeps a federation's state in <state dir>/<federation>: so do we, for workers.
+        store = GlobalStore(run_dir / "aggregator" / federation)
+        supervisor = None
+        if config.aggregator_workers:
+            coordinator = MergingLeader(agg_config, manifest, initial, agg_transport, store,
+                                        on_round=on_round, workers=config.aggregator_workers)
+            supervisor = Supervisor(
+                lambda k: _worker_command(agg_config, artifacts, broker, run_dir, k),
+                config.aggregator_workers)
+            supervisor.start()
+        else:
+            coordinator = Coordinator(agg_config, manifest, initial, agg_transport, store,
+                                      on_round=on_round)
+
+        def tend_workers() -> bool:  # the run loop's stop check is the supervisor's tick
+            if supervisor is not None:
+                supervisor.poll()
+            return False
+
         stop = threading.Event()
         with progress:
             native = (NativeFleet(fleet, broker.host, broker.port, federation, artifacts,
@@ -231,8 +261,11 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                 workers = FleetProcesses(fleet, broker.host, broker.port, federation, artifacts,
                                          run_dir / "devices", broker.mqtt_version)
             try:
-                coordinator.run()
+                coordinator.run(tend_workers)
             finally:
+                if supervisor is not None:
+                    supervisor.stop()
+                    result.worker_restarts = supervisor.restarts
                 stop.set()
                 if in_process:
                     for thread in threads:
@@ -265,12 +298,26 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         "rounds": [asdict(r) for r in result.rows], "rejections": result.rejections,
         "skipped_rounds": result.skipped_rounds, "links_lost": result.links_lost,
         "native_failures": result.native_failures,
+        "aggregator_workers": config.aggregator_workers,
+        "worker_restarts": result.worker_restarts,
         "device_accuracy": result.device_accuracy, "residual_ratio": result.residual_ratio,
         "task_accuracy": result.task_accuracy,
     }, indent=1))
     report = write_report(run_dir / "results.json")
     console.print(f"results written to {run_dir / 'results.json'}; charts in {report}")
     return result
+
+
+def _worker_command(config: AggregatorConfig, artifacts: Path, broker: Broker, run_dir: Path,
+                    index: int) -> list[str]:
+    """`edgefl aggregator --worker-index k` for the run's federation and state."""
+    return [sys.executable, "-m", "edgefl", "aggregator", "--host", broker.host,
+            "--port", str(broker.port), "--federation", config.federation,
+            "--artifacts", str(artifacts), "--state-dir", str(run_dir / "aggregator"),
+            "--rounds", str(config.rounds), "--clients-per-round", str(config.clients_per_round),
+            "--min-clients", str(config.min_clients), "--deadline", str(config.round_deadline_s),
+            "--strategy", config.strategy, "--mode", config.mode,
+            "--worker-index", str(index)]
 
 
 def _score_special(config: FederationConfig, coordinator: Coordinator, evaluator: Trainer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,29 @@ def test_many_native_devices_share_fleet_processes(tmp_path: Path, cnn_artifacts
     assert [log.name for log in logs] == ["fleet-00000.log", f"fleet-{NATIVE_PER_PROCESS:05d}.log"]
     assert f"{NATIVE_PER_PROCESS} devices: {2 * NATIVE_PER_PROCESS} device-rounds trained, " \
            "0 failed" in logs[0].read_text()
+
+
+def test_a_fleet_through_aggregator_worker_processes(tmp_path: Path, cnn_artifacts: Path) -> None:
+    # 30 devices, every update through one of 2 worker processes on a shared subscription
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "emulate", "--devices", "30", "--rounds", "2",
+         "--local-steps", "5", "--participation", "1.0", "--quorum", "1.0",
+         "--aggregator-workers", "2", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = tmp_path.glob("*/results.json")
+    report = json.loads(results.read_text())
+    assert [r["devices"] for r in report["rounds"][1:]] == [30, 30]
+    assert report["aggregator_workers"] == 2 and report["worker_restarts"] == 0
+    assert not report["rejections"]
+    assert report["rounds"][-1]["accuracy"] > report["rounds"][0]["accuracy"]
+    (database,) = results.parent.glob("aggregator/*/aggregator.sqlite")
+    with sqlite3.connect(database) as db:
+        shares = db.execute("SELECT round, worker, count FROM partials ORDER BY round, worker")
+        per_round: dict[int, dict[str, int]] = {}
+        for round_number, worker, count in shares:
+            per_round.setdefault(round_number, {})[worker] = count
+    # Each round was merged from both workers' partial sums, which together hold every update.
+    assert {r: sorted(w) for r, w in per_round.items()} == {0: ["w0", "w1"], 1: ["w0", "w1"]}
+    assert all(sum(w.values()) == 30 and min(w.values()) > 0 for w in per_round.values())
