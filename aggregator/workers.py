@@ -164,10 +164,15 @@ class MergingLeader(Coordinator):
     def _reported(self) -> int:
         return self._count
 
-    def _round_ready(self) -> bool:
-        count, rejections = self.store.accepted_count(self.round), Counter[str]()
+    def worker_rejections(self) -> Counter[str]:
+        """The workers' rejection counts, added up, as they last stored them."""
+        total: Counter[str] = Counter()
         for counts in self.store.worker_rejections().values():
-            rejections.update(counts)
+            total.update(counts)
+        return total
+
+    def _round_ready(self) -> bool:
+        count, rejections = self.store.accepted_count(self.round), self.worker_rejections()
         if (count, rejections) != (self._count, self._worker_rejections):
             self._count, self._worker_rejections = count, rejections
             self._refresh_snapshot()

@@ -279,6 +279,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                 agg_transport.stop()
 
     result.rejections = dict(coordinator.rejections)
+    if isinstance(coordinator, MergingLeader):  # the updates were the workers' to judge
+        result.rejections = dict(coordinator.worker_rejections() + coordinator.rejections)
     with console.status("scoring every device's final model"):
         state = coordinator.state
         result.device_accuracy = device_accuracy(
