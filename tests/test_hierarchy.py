@@ -398,3 +398,17 @@ def test_tls_gateways_bridge_to_a_tls_upstream(cnn_artifacts: Path, tmp_path: Pa
     expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
     for name in expected:
         np.testing.assert_allclose(final[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_an_upstream_restarted_mid_round_keeps_the_sums_it_counted(tmp_path: Path) -> None:
+    merger = _merger(tmp_path)
+    _send(merger, _partial("g1", 2.0, 10.0))
+    again = _merger(tmp_path)  # the upstream aggregator dies here and starts again
+    assert again.open.reported == {"g1": "g1.0"}
+    _send(again, _partial("g1", 2.0, 10.0))  # g1 resends its sum until the global comes
+    _send(again, _partial("g2", 5.0, 20.0))
+    assert again.rejections == {"duplicate": 1}
+    again._close_round()
+    # (10·2 + 20·5) / 30 = 120 / 30 = 4
+    for value in again.adapter.values():
+        np.testing.assert_allclose(value, 4.0, rtol=1e-7)
