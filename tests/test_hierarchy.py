@@ -103,6 +103,23 @@ def _aggregator(broker: Broker, artifacts: Path, state: Path, *extra: str,
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(state.with_suffix(".log"), "wb"))
 
 
+def assert_fedavg(adapter: dict[str, np.ndarray], updates: list[Update]) -> None:
+    """`adapter` is FedAvg of the updates' full adapters, weighted by their sample counts."""
+    expected = fedavg([(u.adapter, float(u.num_samples)) for u in updates])
+    for name in expected:
+        np.testing.assert_allclose(adapter[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def stop_all(clients: list[MqttTransport], procs: list[subprocess.Popen[bytes]]) -> None:
+    """Disconnect the test's clients and kill whatever aggregator is still running."""
+    for client in clients:
+        client.stop()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def _next_global(watcher: MqttTransport, round_number: int, seconds: float = 90
                  ) -> tuple[GlobalModel, bytes]:
     deadline = time.monotonic() + seconds
@@ -158,23 +175,15 @@ def test_two_bridged_gateways_give_the_flat_fedavg_global(cnn_artifacts: Path,
                         publishers[g].publish(topics.update_topic(HFED, device),
                                               codec.encode_update(update))
                         sent.append(update)
-                expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
                 model, payload = _next_global(watchers["up"], round_number + 1)
-                for name in expected:  # one flat FedAvg over all five devices
-                    np.testing.assert_allclose(model.adapter[name], expected[name], rtol=1e-6,
-                                               atol=1e-7)
+                assert_fedavg(model.adapter, sent)  # one flat FedAvg over all five devices
                 for g in DEVICES:  # and each gateway relays exactly that global
                     assert _next_global(watchers[g], round_number + 1)[1] == payload
             assert model.final
             for proc in procs:
                 proc.wait(60)
         finally:
-            for client in clients:
-                client.stop()
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
+            stop_all(clients, procs)
             for broker in gateways.values():
                 broker.stop()
     for proc in procs:
@@ -291,10 +300,7 @@ def test_real_devices_behind_two_gateways_train_the_flat_fedavg_model(
             watcher.stop()
             for spy in spies.values():
                 spy.stop()
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
+            stop_all([], procs)
             for broker in gateways.values():
                 broker.stop()
     assert all(proc.returncode == 0 for proc in procs)
@@ -307,9 +313,7 @@ def test_real_devices_behind_two_gateways_train_the_flat_fedavg_model(
     for r, model in enumerate(globals_up):
         updates = list(sent[r].values())
         assert sorted(u.device_id for u in updates) == ["et-1", "et-2", "ort-1", "ort-2"]
-        expected = fedavg([(u.adapter, float(u.num_samples)) for u in updates])
-        for name in expected:
-            np.testing.assert_allclose(model.adapter[name], expected[name], rtol=1e-6, atol=1e-7)
+        assert_fedavg(model.adapter, updates)
 
 
 def test_tls_gateways_bridge_to_a_tls_upstream(cnn_artifacts: Path, tmp_path: Path) -> None:
@@ -382,12 +386,7 @@ def test_tls_gateways_bridge_to_a_tls_upstream(cnn_artifacts: Path, tmp_path: Pa
         for proc in procs:
             proc.wait(90)
     finally:
-        for client in clients:
-            client.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        stop_all(clients, procs)
         for broker in brokers:
             stop_broker(broker)
         shutil.rmtree(root, ignore_errors=True)
@@ -395,9 +394,7 @@ def test_tls_gateways_bridge_to_a_tls_upstream(cnn_artifacts: Path, tmp_path: Pa
         assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
     final = GlobalStore(tmp_path / "up" / fed).global_at(1)
     assert final is not None
-    expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
-    for name in expected:
-        np.testing.assert_allclose(final[name], expected[name], rtol=1e-6, atol=1e-7)
+    assert_fedavg(final, sent)
 
 
 def test_an_upstream_restarted_mid_round_keeps_the_sums_it_counted(tmp_path: Path) -> None:

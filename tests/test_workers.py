@@ -19,13 +19,13 @@ from safetensors.numpy import load_file
 
 from aggregator.coordinator import AggregatorConfig
 from aggregator.store import DB_FILE, GlobalStore
-from aggregator.strategies import fedavg
 from aggregator.workers import IngestWorker, MergingLeader
 from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
 from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
 from tests.test_group_commit import _wait, accepted_count, burst
+from tests.test_hierarchy import assert_fedavg
 from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
 from tests.test_storage_faults import QueueTransport
 from transport.broker import Broker
@@ -194,9 +194,7 @@ def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
     assert leader.returncode == 0, stderr
     assert killed and "restarting it" in stderr, stderr
     assert final is not None and final.round == 1
-    expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
-    for name in expected:
-        np.testing.assert_allclose(final.adapter[name], expected[name], rtol=1e-6, atol=1e-7)
+    assert_fedavg(final.adapter, sent)
     with sqlite3.connect(state / KILL_FED / DB_FILE) as db:
         assert db.execute("SELECT COUNT(*) FROM accepted").fetchone() == (BURST,)
         counts = dict(db.execute("SELECT worker, count FROM partials WHERE round = 0"))
@@ -284,9 +282,7 @@ def test_workers_on_a_tls_gateway_take_only_signed_updates(
     assert leader.returncode == 0, stderr
     final = GlobalStore(state / fed).global_at(1)
     assert final is not None
-    expected = fedavg([(u.adapter, float(u.num_samples)) for u in sent])
-    for name in expected:
-        np.testing.assert_allclose(final[name], expected[name], rtol=1e-6, atol=1e-7)
+    assert_fedavg(final, sent)
     assert _rejected(state, fed) == {"signature-unsigned": 3}
 
 
