@@ -32,7 +32,12 @@ from protocol.messages import Update, slot_key
 
 logger = logging.getLogger(__name__)
 
-RESTART_DELAY_S = 1.0  # a worker that keeps dying is not restarted in a tight loop
+# A dead worker is restarted after RESTART_DELAY_S, doubled for each death in a row (one that
+# keeps dying, say on a bad state folder, is not restarted in a tight loop) up to the cap; a
+# worker that lived STABLE_S starts again from the first delay.
+RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0
+STABLE_S = 120.0
 
 
 def share_group(federation: str) -> str:
@@ -216,25 +221,37 @@ class Supervisor:
         self.command, self.count = command, count
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
         self.restarts = 0
+        self._started: dict[int, float] = {}
         self._died_at: dict[int, float] = {}
+        self._in_a_row: dict[int, int] = {}  # deaths since the worker last lived STABLE_S
 
     def start(self) -> None:
         """Start every worker."""
         for index in range(self.count):
-            self.processes[index] = subprocess.Popen(self.command(index))
+            self._launch(index)
+
+    def _launch(self, index: int) -> None:
+        self.processes[index] = subprocess.Popen(self.command(index))
+        self._started[index] = time.monotonic()
 
     def poll(self) -> None:
         """Restart any worker that died with an error (a finished one exits 0 and stays so)."""
-        for index, process in self.processes.items():
+        now = time.monotonic()
+        for index, process in list(self.processes.items()):
             code = process.poll()
             if code is None or code == 0:
                 continue
-            died = self._died_at.setdefault(index, time.monotonic())
-            if time.monotonic() - died < RESTART_DELAY_S:
+            if index not in self._died_at:
+                self._died_at[index] = now
+                lived = now - self._started[index]
+                self._in_a_row[index] = 0 if lived >= STABLE_S else self._in_a_row.get(index, 0)
+            delay = min(RESTART_DELAY_S * 2 ** self._in_a_row[index], MAX_RESTART_DELAY_S)
+            if now - self._died_at[index] < delay:
                 continue
             logger.warning("aggregator worker %d exited with code %d; restarting it", index, code)
             del self._died_at[index]
-            self.processes[index] = subprocess.Popen(self.command(index))
+            self._in_a_row[index] += 1
+            self._launch(index)
             self.restarts += 1
 
     def stop(self, timeout_s: float = 10.0) -> None:

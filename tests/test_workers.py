@@ -297,3 +297,28 @@ def _rejected(state: Path, federation: str) -> dict[str, int]:
         for reason, n in counts.items():
             total[reason] = total.get(reason, 0) + n
     return total
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_growing_pauses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aggregator import workers
+
+    clock = [0.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    started: list[float] = []
+
+    def command(index: int) -> list[str]:
+        started.append(clock[0])
+        return [sys.executable, "-c", "raise SystemExit(3)"]  # dies at once, with an error
+
+    supervisor = workers.Supervisor(command, 1)
+    supervisor.start()
+    while clock[0] < 20.0:
+        supervisor.processes[0].wait()
+        supervisor.poll()
+        clock[0] += 0.5
+    # Polled every 0.5 s. The first death is seen at 0 and waits 1 s: restart at 1.0. Each
+    # restart dies at once and is seen at the next poll, 0.5 s later, then waits twice as
+    # long as before: seen at 1.5 + 2 = 3.5, seen at 4.0 + 4 = 8.0, seen at 8.5 + 8 = 16.5.
+    assert started == [0.0, 1.0, 3.5, 8.0, 16.5]
+    assert supervisor.restarts == 4
