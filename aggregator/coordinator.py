@@ -69,7 +69,7 @@ class Rejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Handled:
+class Handled:
     """A message handled in memory, acknowledged once its group is committed."""
 
     message: Received
@@ -115,7 +115,7 @@ class Coordinator:
         self._history: tuple[RoundSummary, ...] = ()
         # Updates received while the state could not be written: unacknowledged, tried again.
         self._deferred: list[Received] = []
-        self._group: list[_Handled] = []  # handled since the last commit, in arrival order
+        self._group: list[Handled] = []  # handled since the last commit, in arrival order
         self._group_ids: set[str] = set()  # update ids accepted in it, not yet in the store
         self._storage_error: str | None = None
         self._last_retry = now()
@@ -266,7 +266,7 @@ class Coordinator:
         """Handle one message in memory; it joins the group that the next commit stores."""
         if "/status/" in message.topic:
             self._handle_status(message)
-            self._group.append(_Handled(message))
+            self._group.append(Handled(message))
             return
         try:
             update = self.validate(message.topic, message.payload)
@@ -274,12 +274,12 @@ class Coordinator:
             kept = self.aggregator.add(contribution)
         except Rejected as exc:
             self._reject(message.topic, exc)
-            self._group.append(_Handled(message))
+            self._group.append(Handled(message))
             return
         except Exception as exc:  # no message may crash the gateway, whatever it holds
             logger.debug("update on %s failed", message.topic, exc_info=True)
             self._reject(message.topic, Rejected("invalid", f"{type(exc).__name__}: {exc}"))
-            self._group.append(_Handled(message))
+            self._group.append(Handled(message))
             return
         # Changed in place (a round of thousands must not copy its table per update): if the
         # commit fails, the round is rebuilt from the store anyway.
@@ -294,9 +294,9 @@ class Coordinator:
         self._group_ids.add(update.update_id)
         accepted = Accepted(update.update_id, contribution.slot, update.num_samples,
                             contribution.weight, contribution.staleness)
-        self._group.append(_Handled(message, accepted, kept, len(state.reported)))
+        self._group.append(Handled(message, accepted, kept, len(state.reported)))
 
-    def _commit(self, group: list[_Handled]) -> bool:
+    def _commit(self, group: list[Handled]) -> bool:
         """Store the group's accepted updates, the round's totals and its aggregator's snapshot
         in one transaction; False if the state disk refused (the round then goes back to what
         the store holds, and the caller keeps those updates unacknowledged)."""
@@ -319,7 +319,7 @@ class Coordinator:
         self._refresh_snapshot()
         return True
 
-    def _write(self, group: list[_Handled]) -> list[_Handled]:
+    def _write(self, group: list[Handled]) -> list[Handled]:
         """Store the group's accepted updates with the round's totals and snapshot; return
         the group as stored (a worker process may have to handle it again, see workers.py).
 

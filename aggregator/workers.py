@@ -20,9 +20,9 @@ from dataclasses import replace
 from aggregator.coordinator import (
     POLL_S,
     Coordinator,
+    Handled,
     Rejected,
     RoundRecord,
-    _Handled,
 )
 from aggregator.registry import check_mergeable
 from aggregator.rounds import GlobalState, RoundAggregator
@@ -77,7 +77,7 @@ class IngestWorker(Coordinator):
             raise Rejected("duplicate-device", f"{slot} already reported round {self.round}")
         return update
 
-    def _write(self, group: list[_Handled]) -> list[_Handled]:
+    def _write(self, group: list[Handled]) -> list[Handled]:
         while True:
             rows = [(h.accepted, h.kept) for h in group if h.accepted is not None]
             if not rows:
@@ -124,7 +124,7 @@ class IngestWorker(Coordinator):
         self._flush()
         return []
 
-    def _commit(self, group: list[_Handled]) -> bool:
+    def _commit(self, group: list[Handled]) -> bool:
         stored = super()._commit(group)
         self._share_rejections()
         return stored
