@@ -409,8 +409,12 @@ class Coordinator:
             open_bytes=self.open.bytes, clients_per_round=c.clients_per_round,
             min_clients=c.min_clients, online=tuple(sorted(self.online)),
             rejections=dict(self.rejections), family=self.family.facts(s),
-            history=self._history,
+            history=self._history, role=self.role(),
         )
+
+    def role(self) -> str:
+        """This process's part in a scaled-out deployment, for the status page ("": all)."""
+        return ""
 
     # -- main loop -------------------------------------------------------------------------
     def _reported(self) -> int:

@@ -48,3 +48,6 @@ class GatewaySnapshot:
     # TLS certificate identity (ca, broker, aggregator, device ids) -> ISO 8601 expiry, from
     # edgefl.gateway.certificate_expiry; empty without a gateway folder.
     certificates: dict[str, str] = field(default_factory=dict)
+    # What this aggregator process is: "" for a whole aggregator, else its part in a scaled-out
+    # deployment ("leader of 4 worker processes", "gateway g1 under an upstream aggregator"...).
+    role: str = ""

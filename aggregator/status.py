@@ -182,6 +182,7 @@ class StatusServer:
                         for h in s.history],
             "family": dict(s.family),
             "certificates": dict(s.certificates),
+            "role": s.role,
         })
 
 

@@ -44,9 +44,9 @@ class GatewayTier(Coordinator):
 
     def __init__(self, *args: object, gateway_id: str, **kwargs: object) -> None:
         self._final = False  # upstream's last global arrived (read by the constructor too)
+        self.gateway_id = gateway_id  # and so is our role, for the status snapshot
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         check_mergeable(self.config, "--upstream")
-        self.gateway_id = gateway_id
         self._upstream_topic = topics.upstream_global_topic(self.config.federation)
         self._sealed = self.store.is_sealed(self.round)
         self._global: bytes | None = None  # upstream's global of the open round, as received
@@ -55,6 +55,9 @@ class GatewayTier(Coordinator):
     def _finished(self) -> bool:
         # Upstream decides when the federation ends (this gateway's own --rounds is not used).
         return self._final
+
+    def role(self) -> str:
+        return f"gateway {self.gateway_id} under an upstream aggregator"
 
     def _publish_global(self, final: bool = False) -> None:
         """Relay upstream's global of the open round to this gateway's devices (retained)."""
@@ -186,6 +189,10 @@ class GatewayMerger(Coordinator):
 
     def _subscriptions(self) -> tuple[str, ...]:
         return (topics.partial_filter(self.config.federation),)
+
+    def role(self) -> str:
+        gateways = sorted(self.config.allowed_devices or ())
+        return f"upstream aggregator of gateways {', '.join(gateways)}"
 
     def validate(self, topic: str, payload: bytes) -> PartialSum:  # type: ignore[override]
         try:

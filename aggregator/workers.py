@@ -146,14 +146,17 @@ class MergingLeader(Coordinator):
     reads device statuses itself, updates only through the workers."""
 
     def __init__(self, *args: object, workers: int, **kwargs: object) -> None:
+        self.workers = workers  # set first: the constructor's status snapshot names our role
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         check_mergeable(self.config, "--workers")
-        self.workers = workers
         self._count = self.store.accepted_count(self.round)
         self._worker_rejections: Counter[str] = Counter()
 
     def _subscriptions(self) -> tuple[str, ...]:
         return (topics.status_filter(self.config.federation),)
+
+    def role(self) -> str:
+        return f"leader of {self.workers} worker processes"
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
         """Wait until every worker has subscribed (the first time: the broker keeps no update

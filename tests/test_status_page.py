@@ -155,6 +155,7 @@ def test_api_status_is_the_snapshot_as_json(server: StatusServer) -> None:
         ],
         "family": {"epsilon": 1.75, "delta": 1e-5, "max_epsilon": 8.0},
         "certificates": {},
+        "role": "",
     }
     assert "NaN" not in body and "Infinity" not in body
 
@@ -405,6 +406,15 @@ def test_dp_status_page_renders_in_headless_chromium(server: StatusServer,
     assert "<td>dev-a</td>" in dom and "<td>dev-b</td>" in dom and "<td>dev-c</td>" not in dom
     # no certificates in this snapshot: their table stays hidden
     assert re.search(r'<section id="certificates-section" hidden(="")?>', dom)
+    # one whole aggregator: no role line
+    assert re.search(r'<p id="role" class="muted" hidden(="")?></p>', dom)
+
+
+def test_status_page_shows_a_scaled_out_process_role(feed: Feed, server: StatusServer,
+                                                     tmp_path: Path) -> None:
+    feed.current = dataclasses.replace(SNAPSHOT, role="leader of 4 worker processes")
+    dom = _render(server.url, tmp_path)
+    assert '<p id="role" class="muted">leader of 4 worker processes</p>' in dom
 
 
 def test_status_page_lists_certificates_and_highlights_those_expiring_soon(

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from aggregator.coordinator import AggregatorConfig
+from aggregator.coordinator import AggregatorConfig, Coordinator
+from aggregator.status import StatusServer
 from aggregator.store import DB_FILE, GlobalStore
+from aggregator.tiers import GatewayMerger, GatewayTier
 from aggregator.workers import IngestWorker, MergingLeader
 from protocol import codec, topics
 from protocol.manifest import load_manifest
@@ -322,3 +324,16 @@ def test_a_worker_that_keeps_dying_is_restarted_with_growing_pauses(
     # long as before: seen at 1.5 + 2 = 3.5, seen at 4.0 + 4 = 8.0, seen at 8.5 + 8 = 16.5.
     assert started == [0.0, 1.0, 3.5, 8.0, 16.5]
     assert supervisor.restarts == 4
+
+
+def test_the_status_page_names_each_process_role(tmp_path: Path) -> None:
+    leader, _ = _gateway(tmp_path / "w", workers=3)
+    tier = GatewayTier(_config(), MANIFEST, ZERO, QueueTransport(), GlobalStore(tmp_path / "g"),
+                       gateway_id="g7")
+    upstream = GatewayMerger(_config(allowed_devices=frozenset({"g7", "g2"})), MANIFEST, ZERO,
+                             QueueTransport(), GlobalStore(tmp_path / "u"))
+    plain = Coordinator(_config(), MANIFEST, ZERO, QueueTransport(), GlobalStore(tmp_path / "p"))
+    roles = [StatusServer(c.snapshot, "127.0.0.1", 0).state()["role"]
+             for c in (leader, tier, upstream, plain)]
+    assert roles == ["leader of 3 worker processes", "gateway g7 under an upstream aggregator",
+                     "upstream aggregator of gateways g2, g7", ""]

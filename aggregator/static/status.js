@@ -135,6 +135,8 @@ function renderCertificates(certificates) {
 }
 function render(s) {
   $("federation").textContent = s.federation;
+  $("role").hidden = !s.role;  // only a process with a part in a scaled-out deployment
+  $("role").textContent = s.role || "";
   $("round").textContent = s.round;
   $("rounds").textContent = s.rounds;
   $("state").textContent = s.finished ? "finished" :
