@@ -448,14 +448,7 @@ class Coordinator:
         Raises:
             StorageError: the new state could not be written; nothing changed (retry later).
         """
-        state = self.open
-        weight = state.weight
-        record = RoundRecord(
-            round=state.round, devices=tuple(sorted(state.reported)), samples=int(weight),
-            bytes_received=state.bytes, duration_s=self.now() - self._opened,
-            metrics={k: v / weight for k, v in state.metric_sums.items()},
-            global_bytes=self.global_bytes,
-        )
+        record, weight = self._record(), self.open.weight
         following = self.aggregator.close()
         self._save_state(following, list(record.devices))
         self.state = following
@@ -467,6 +460,16 @@ class Coordinator:
         self._exhausted = self.family.exhausted(self.state)
         self._refresh_snapshot()
         return record
+
+    def _record(self) -> RoundRecord:
+        """What the open round holds now, as the record of its close."""
+        s = self.open
+        return RoundRecord(
+            round=s.round, devices=tuple(sorted(s.reported)), samples=int(s.weight),
+            bytes_received=s.bytes, duration_s=self.now() - self._opened,
+            metrics={k: v / s.weight for k, v in s.metric_sums.items()},
+            global_bytes=self.global_bytes,
+        )
 
     def _finished(self) -> bool:
         return self.round >= self.config.rounds or self._exhausted is not None

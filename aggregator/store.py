@@ -120,7 +120,7 @@ class GlobalStore:
         Raises:
             StorageError: the database could not be written; nothing was changed.
         """
-        with self._transaction():
+        with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
                             (round_number, save_tensors(adapter), json.dumps(info)))
             self.db.execute(
@@ -180,7 +180,7 @@ class GlobalStore:
         rows = [(u.update_id, state.round, u.slot, u.num_samples, u.weight, u.staleness,
                  None if kept is None else _blob(kept)) for u, kept in updates]
         snap = _blob(snapshot) if snapshot else None
-        with self._transaction():
+        with self.transaction():
             self.db.executemany("INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.db.execute(
                 "UPDATE open_round SET snapshot = ?, weight = ?, metric_sums = ?, bytes = ? "
@@ -211,7 +211,7 @@ class GlobalStore:
 
     # -- worker processes (aggregator.workers) ----------------------------------------------
     def latest_round(self) -> int | None:
-        """The round the newest stored global opens (cheap: workers ask after every group)."""
+        """The round the newest stored global opens (cheap: workers ask before every update)."""
         (value,) = self.db.execute("SELECT MAX(round) FROM globals").fetchone()
         return None if value is None else int(value)
 
@@ -232,7 +232,7 @@ class GlobalStore:
         """
         rows = [(u.update_id, state.round, u.slot, u.num_samples, u.weight, u.staleness,
                  None if kept is None else _blob(kept)) for u, kept in updates]
-        with self._transaction():
+        with self.transaction():
             latest = self.latest_round()
             if latest != state.round:
                 raise RoundClosed(f"round {state.round} closed (the state is at {latest})")
@@ -248,8 +248,7 @@ class GlobalStore:
                 "count = count + excluded.count",
                 (state.round, worker, _blob(snapshot) if snapshot else None, state.weight,
                  json.dumps(state.metric_sums), state.bytes, len(rows)))
-            self.db.execute("INSERT OR REPLACE INTO worker_rejections VALUES (?, ?)",
-                            (worker, json.dumps(rejections)))
+            self.record_rejections(worker, rejections)  # joins this transaction
 
     def record_rejections(self, worker: str, rejections: dict[str, int]) -> None:
         """A worker's rejection counts (reason -> how many), for the leader's status page.
@@ -257,27 +256,27 @@ class GlobalStore:
         Raises:
             StorageError: the database could not be written.
         """
-        with self._transaction():
+        with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO worker_rejections VALUES (?, ?)",
                             (worker, json.dumps(rejections)))
 
     def partial(self, round_number: int, worker: str) -> tuple[OpenRound, TensorDict] | None:
         """One worker's totals and partial-sum snapshot of `round_number`, if it stored any
         (`reported` stays empty: which slots reported is the accepted table's, for all)."""
-        row = self.db.execute("SELECT snapshot, weight, metric_sums, bytes, count FROM partials "
-                              "WHERE round = ? AND worker = ?", (round_number, worker)).fetchone()
-        if row is None:
-            return None
-        snapshot, weight, metric_sums, nbytes, _ = row
-        state = OpenRound(round_number, float(weight), json.loads(metric_sums), int(nbytes))
-        return state, ({} if snapshot is None else load_tensors(snapshot))
+        found = self._partials(round_number, "AND worker = ?", (worker,))
+        return found[0] if found else None
 
     def partials(self, round_number: int) -> list[tuple[OpenRound, TensorDict]]:
         """Every worker's totals and snapshot of `round_number` (for the leader's merge)."""
-        workers = [w for (w,) in self.db.execute(
-            "SELECT worker FROM partials WHERE round = ? ORDER BY worker", (round_number,))]
-        found = (self.partial(round_number, w) for w in workers)
-        return [p for p in found if p is not None]
+        return self._partials(round_number, "ORDER BY worker")
+
+    def _partials(self, round_number: int, rest: str, parameters: tuple[object, ...] = ()
+                  ) -> list[tuple[OpenRound, TensorDict]]:
+        rows = self.db.execute("SELECT snapshot, weight, metric_sums, bytes FROM partials "
+                               f"WHERE round = ? {rest}", (round_number, *parameters))
+        return [(OpenRound(round_number, float(weight), json.loads(sums), int(nbytes)),
+                 {} if snapshot is None else load_tensors(snapshot))
+                for snapshot, weight, sums, nbytes in rows]
 
     def reported(self, round_number: int) -> dict[str, str]:
         """Slot -> update id of every update counted in `round_number`, by any worker."""
@@ -296,7 +295,7 @@ class GlobalStore:
         Raises:
             StorageError: the database could not be written.
         """
-        with self._transaction():
+        with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO sealed VALUES (?)", (round_number,))
 
     def is_sealed(self, round_number: int) -> bool:
@@ -306,9 +305,6 @@ class GlobalStore:
 
     def transaction(self) -> _Transaction:
         """One write transaction around several calls (calls inside it join it)."""
-        return _Transaction(self.db)
-
-    def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
 
 

@@ -116,13 +116,8 @@ class GatewayTier(Coordinator):
             self._global = message.payload
             self._relay()
             return None
-        record = None
-        if self._sealed:
-            s = self.open
-            record = RoundRecord(self.round, tuple(sorted(s.reported)), int(s.weight), s.bytes,
-                                 self.now() - self._opened,
-                                 {k: v / s.weight for k, v in s.metric_sums.items()})
-        elif self.open.reported:
+        record = self._record() if self._sealed else None
+        if record is None and self.open.reported:
             logger.warning("upstream closed round %d without this gateway's %d updates",
                            self.round, len(self.open.reported))
         following = GlobalState(model.round, model.adapter)

@@ -146,11 +146,13 @@ class MergingLeader(Coordinator):
     reads device statuses itself, updates only through the workers."""
 
     def __init__(self, *args: object, workers: int, **kwargs: object) -> None:
-        self.workers = workers  # set first: the constructor's status snapshot names our role
+        # Set first: the base constructor's status snapshot reads them.
+        self.workers = workers
+        self._count = 0  # the workers' committed updates in the open round, as last read
+        self._worker_rejections: Counter[str] = Counter()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         check_mergeable(self.config, "--workers")
         self._count = self.store.accepted_count(self.round)
-        self._worker_rejections: Counter[str] = Counter()
 
     def _subscriptions(self) -> tuple[str, ...]:
         return (topics.status_filter(self.config.federation),)
@@ -188,9 +190,8 @@ class MergingLeader(Coordinator):
 
     def _refresh_snapshot(self) -> None:
         super()._refresh_snapshot()
-        counts = getattr(self, "_worker_rejections", Counter()) + self.rejections
-        self._snapshot = replace(self._snapshot, open_updates=getattr(self, "_count", 0),
-                                 rejections=dict(counts))
+        self._snapshot = replace(self._snapshot, open_updates=self._count,
+                                 rejections=dict(self._worker_rejections + self.rejections))
 
     def _close_round(self) -> RoundRecord:
         try:
@@ -237,8 +238,9 @@ class Supervisor:
         self.processes[index] = subprocess.Popen(self.command(index))
         self._started[index] = time.monotonic()
 
-    def poll(self) -> None:
-        """Restart any worker that died with an error (a finished one exits 0 and stays so)."""
+    def poll(self) -> bool:
+        """Restart any worker that died with an error (a finished one exits 0 and stays so).
+        Returns False, so that it can be a run loop's stop check: the loop's tick."""
         now = time.monotonic()
         for index, process in list(self.processes.items()):
             code = process.poll()
@@ -256,6 +258,7 @@ class Supervisor:
             self._in_a_row[index] += 1
             self._launch(index)
             self.restarts += 1
+        return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask every worker to stop (SIGTERM), then kill those still running."""

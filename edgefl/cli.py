@@ -189,13 +189,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     if args.worker_index is not None:
         return _run_worker(args, config, manifest, artifacts, window_bytes)
     secure = _gateway_connection(args, AGGREGATOR_ID)
-    registry = None
-    if args.gateway:
-        from protocol.signing import RegistryFile
-
-        # Re-read when `edgefl gateway enroll|revoke` changes it: no restart needed.
-        registry = RegistryFile(load_gateway(Path(args.gateway)).signing_registry)
-    config = replace(config, allowed_devices=gateways or _allowed_devices(args, registry is not None))
+    registry = _signing_registry(args)
+    config = replace(config,
+                     allowed_devices=gateways or _allowed_devices(args, registry is not None))
     # The status port first: a taken port is one clear line before any state is written.
     coordinator: Coordinator | None = None
     status = None
@@ -247,13 +243,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         print(report, flush=True)
     if status is not None:
         print(f"status page: {status.url}", flush=True)
-    def tend_workers() -> bool:  # the run loop's stop check doubles as the supervisor's tick
-        if supervisor is not None:
-            supervisor.poll()
-        return False
-
+    # The supervisor's poll is the run loop's stop check, its tick (it never asks to stop).
+    tick = supervisor.poll if supervisor is not None else (lambda: False)
     try:
-        for record in coordinator.run(tend_workers):
+        for record in coordinator.run(tick):
             # FL-TAC counts task slots (a multi-task device sends one update per task)
             unit = ("task slots" if coordinator.family.task_slots
                     else "gateways" if gateways else "devices")
@@ -288,6 +281,16 @@ def _gateway_ids(text: str | None, option: str = "--merge-gateways") -> frozense
     return ids
 
 
+def _signing_registry(args: argparse.Namespace) -> object | None:
+    """With --gateway, the aggregator's signing registry (device id -> public key), re-read
+    whenever `edgefl gateway enroll|revoke` changes it: no restart needed. None without."""
+    if not args.gateway:
+        return None
+    from protocol.signing import RegistryFile
+
+    return RegistryFile(load_gateway(Path(args.gateway)).signing_registry)
+
+
 def _worker_command(args: argparse.Namespace, artifacts: Path, index: int) -> list[str]:
     """The command line of worker `index`: the leader's own, for that worker's part."""
     return [sys.executable, "-m", "edgefl", *args.argv, "--artifacts", str(artifacts),
@@ -306,11 +309,7 @@ def _run_worker(args: argparse.Namespace, config: object, manifest: object, arti
 
     name = f"w{args.worker_index}"
     secure = _gateway_connection(args, worker_id(args.worker_index))
-    registry = None
-    if args.gateway:
-        from protocol.signing import RegistryFile
-
-        registry = RegistryFile(load_gateway(Path(args.gateway)).signing_registry)
+    registry = _signing_registry(args)
     config = replace(config, allowed_devices=_allowed_devices(args, registry is not None,
                                                               warn=False))
     transport = MqttTransport(secure["host"], secure["port"],

@@ -246,11 +246,6 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
             coordinator = Coordinator(agg_config, manifest, initial, agg_transport, store,
                                       on_round=on_round)
 
-        def tend_workers() -> bool:  # the run loop's stop check is the supervisor's tick
-            if supervisor is not None:
-                supervisor.poll()
-            return False
-
         stop = threading.Event()
         with progress:
             native = (NativeFleet(fleet, broker.host, broker.port, federation, artifacts,
@@ -261,7 +256,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
                 workers = FleetProcesses(fleet, broker.host, broker.port, federation, artifacts,
                                          run_dir / "devices", broker.mqtt_version)
             try:
-                coordinator.run(tend_workers)
+                # The supervisor's poll is the run loop's stop check (it never asks to stop).
+                coordinator.run(supervisor.poll if supervisor is not None else lambda: False)
             finally:
                 if supervisor is not None:
                     supervisor.stop()

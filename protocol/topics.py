@@ -71,7 +71,8 @@ def status_filter(federation: str) -> str:
 def parse_device_topic(topic: str) -> tuple[str, str, str]:
     """Split an update, status or partial-sum topic into (federation, kind, device id)."""
     parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[3] not in ("update", "status", "partial"):
+    kinds = ("update", "status", "partial")
+    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[3] not in kinds:
         raise ValueError(f"not a device topic: {topic!r}")
     return parts[2], parts[3], parts[4]
 
