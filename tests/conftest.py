@@ -77,6 +77,20 @@ def run_rounds(coordinator: Coordinator, agents: list[DeviceAgent],
         aggregator_transport.stop()
 
 
+def retained_statuses(broker: Broker, federation: str) -> dict[str, bool]:
+    """Device id -> online, as the broker's retained status messages of `federation` say."""
+    from protocol import topics
+    from protocol.codec import decode_status
+
+    observer = MqttTransport(broker.host, broker.port, "observer")
+    observer.start()
+    observer.subscribe(topics.status_filter(federation))
+    statuses = {s.device_id: s.online for s in (
+        decode_status(m.payload) for m in iter(lambda: observer.receive(2), None))}
+    observer.stop()
+    return statuses
+
+
 def wait_for_round(coordinator: Coordinator, round_number: int, timeout_s: float) -> int:
     """Wait until the running coordinator has opened `round_number` (or the timeout passed);
     return the round it is at."""

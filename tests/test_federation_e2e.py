@@ -16,12 +16,10 @@ from edge_client.agent import DeviceAgent, DeviceState, device_seed
 from edge_client.data import device_partitions
 from edge_client.trainer import evaluate_dataset, make_trainer
 from export.build import ADAPTER_INIT_FILE
-from protocol import topics
-from protocol.codec import decode_status
 from protocol.manifest import load_manifest
 from protocol.messages import TrainConfig
+from tests.conftest import retained_statuses, run_rounds
 from transport.broker import Broker
-from tests.conftest import run_rounds
 from transport.mqtt import MqttTransport
 from workloads import fmnist
 
@@ -73,12 +71,7 @@ def test_three_devices_complete_rounds_and_the_model_improves(
     assert coordinator.online == {"dev-executorch", "dev-onnxruntime", "dev-torch"}
     assert not coordinator.rejections
     # After the run, the retained presence of every device reads offline.
-    observer = MqttTransport(mosquitto.host, mosquitto.port, "observer")
-    observer.start()
-    observer.subscribe(topics.status_filter(federation))
-    statuses = {s.device_id: s.online for s in (
-        decode_status(m.payload) for m in iter(lambda: observer.receive(2), None))}
-    observer.stop()
+    statuses = retained_statuses(mosquitto, federation)
     assert statuses == {"dev-executorch": False, "dev-onnxruntime": False, "dev-torch": False}
 
     test = fmnist.load("t10k").subset(np.arange(500))

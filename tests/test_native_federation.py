@@ -22,7 +22,7 @@ from protocol import topics
 from protocol.codec import decode_status, decode_update, encode_global
 from protocol.manifest import load_manifest
 from protocol.messages import GlobalModel, TrainConfig
-from tests.conftest import run_rounds
+from tests.conftest import retained_statuses, run_rounds
 from tests.test_broker_crash import (
     FED,
     _receive,
@@ -101,12 +101,7 @@ def test_native_and_python_devices_complete_rounds_together(
     assert not coordinator.rejections, coordinator.rejections
     assert [p.returncode for p in natives] == [0, 0], outputs
     assert all(f"trained {rounds} rounds" in out for out in outputs), outputs
-    observer = MqttTransport(mosquitto.host, mosquitto.port, "observer")
-    observer.start()
-    observer.subscribe(topics.status_filter(federation))
-    statuses = {s.device_id: s.online for s in (
-        decode_status(m.payload) for m in iter(lambda: observer.receive(2), None))}
-    observer.stop()
+    statuses = retained_statuses(mosquitto, federation)
     assert statuses["native-2"] is False and statuses["native-3"] is False, statuses
     for i in (2, 3):  # the native device keeps its state in the Python device's format
         assert (tmp_path / "native" / f"native-{i}.json").read_text() == \

@@ -130,6 +130,18 @@ def same_start(native: Callable[..., Native], artifact_dir: Path,
     return python, device, start
 
 
+def agree_then_step(python: Trainer, device: Native, x: np.ndarray, y: np.ndarray) -> float:
+    """Assert both give the same loss and gradients on (x, y), and the same adapter after one
+    step each; return the device's loss before the step."""
+    want_loss, want = python.gradients(x, y)
+    loss, got = device.gradients(x, y)
+    assert abs(loss - want_loss) <= ATOL
+    assert max_diff(got, want) <= ATOL
+    assert abs(device.train_step(x, y) - python.train_step(x, y).loss) <= ATOL
+    assert max_diff(device.get_adapter(), python.get_adapter()) <= ATOL
+    return loss
+
+
 def max_diff(a: TensorDict, b: TensorDict) -> float:
     assert set(a) == set(b)
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
@@ -173,12 +185,7 @@ def test_a_class_mask_changes_the_loss_as_in_python(workload: str, artifacts, na
     unmasked, _ = device.gradients(x, y)
     python.set_class_mask([0, 1, 2])
     device.set_class_mask([0, 1, 2])
-    want_loss, want = python.gradients(x, y)
-    loss, got = device.gradients(x, y)
-    assert abs(loss - want_loss) <= ATOL and abs(loss - unmasked) > 1e-3
-    assert max_diff(got, want) <= ATOL
-    assert abs(device.train_step(x, y) - python.train_step(x, y).loss) <= ATOL
-    assert max_diff(device.get_adapter(), python.get_adapter()) <= ATOL
+    assert abs(agree_then_step(python, device, x, y) - unmasked) > 1e-3
     device.set_class_mask(None)  # cleared: the model as exported again
     python.set_class_mask(None)
     assert abs(device.gradients(x, y)[0] - python.gradients(x, y)[0]) <= ATOL
@@ -193,12 +200,7 @@ def test_a_base_delta_matches_python(minilm_artifacts: Path, native) -> None:
              .astype(np.float32)}
     python.set_base_delta(delta)
     device.set_base_delta(delta)
-    want_loss, want = python.gradients(x, y)
-    loss, got = device.gradients(x, y)
-    assert abs(loss - want_loss) <= ATOL and abs(loss - plain) > 1e-4
-    assert max_diff(got, want) <= ATOL
-    assert abs(device.train_step(x, y) - python.train_step(x, y).loss) <= ATOL
-    assert max_diff(device.get_adapter(), python.get_adapter()) <= ATOL
+    assert abs(agree_then_step(python, device, x, y) - plain) > 1e-4
 
 
 def test_bad_inputs_give_one_line_errors(lib, cnn_artifacts: Path, native, tmp_path) -> None:
