@@ -209,14 +209,19 @@ def _start(broker: Broker, artifacts: Path, state: Path) -> subprocess.Popen[byt
 
 
 def accepted_count(state: Path, federation: str = KILL_FED) -> int:
-    """Updates the aggregator of `federation` under `state` has committed (0 before it has a
-    database), read over a connection of our own."""
+    """Updates the aggregator of `federation` under `state` has committed."""
+    return count_rows(state, federation, "accepted")
+
+
+def count_rows(state: Path, federation: str, table: str) -> int:
+    """Rows of a table of `federation`'s state database under `state` (0 before it has one),
+    read over a connection of our own."""
     path = state / federation / DB_FILE
     if not path.exists():
         return 0
     try:
         with sqlite3.connect(path) as db:
-            (count,) = db.execute("SELECT COUNT(*) FROM accepted").fetchone()
+            (count,) = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
     except sqlite3.OperationalError:  # schema not created yet, or locked for a moment
         return 0
     return int(count)

@@ -26,7 +26,7 @@ from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
 from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
-from tests.test_group_commit import _wait, accepted_count, burst
+from tests.test_group_commit import _wait, accepted_count, burst, count_rows
 from tests.test_hierarchy import assert_fedavg
 from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
 from tests.test_storage_faults import QueueTransport
@@ -138,13 +138,7 @@ def _children(pid: int) -> list[int]:
 
 def _ready(state: Path, federation: str = KILL_FED) -> int:
     """How many workers have subscribed (each writes its row in the store once it has)."""
-    path = state / federation / DB_FILE
-    try:
-        with sqlite3.connect(path) as db:
-            (count,) = db.execute("SELECT COUNT(*) FROM worker_rejections").fetchone()
-    except sqlite3.OperationalError:
-        return 0
-    return int(count)
+    return count_rows(state, federation, "worker_rejections")
 
 
 def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
