@@ -27,7 +27,7 @@ from protocol.manifest import load_manifest
 from protocol.messages import Update
 from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
 from tests.test_group_commit import _wait, accepted_count, burst, count_rows
-from tests.test_hierarchy import assert_fedavg
+from tests.test_hierarchy import assert_fedavg, stop_all
 from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
 from tests.test_storage_faults import QueueTransport
 from transport.broker import Broker
@@ -331,3 +331,52 @@ def test_the_status_page_names_each_process_role(tmp_path: Path) -> None:
              for c in (leader, tier, upstream, plain)]
     assert roles == ["leader of 3 worker processes", "gateway g7 under an upstream aggregator",
                      "upstream aggregator of gateways g2, g7", ""]
+
+
+def test_workers_carry_a_round_through_a_broker_killed_mid_round(
+        cnn_artifacts: Path, tmp_path: Path) -> None:
+    fed, state, n = "brokerkill", tmp_path / "state", 40
+    sent, payloads = burst(cnn_artifacts, fed, n, seed=6)
+    broker = Broker(prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
+    port = broker.port
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "aggregator", "--host", broker.host, "--port",
+         str(port), "--federation", fed, "--artifacts", str(cnn_artifacts), "--rounds", "1",
+         "--clients-per-round", str(n), "--min-clients", str(n), "--deadline", "600",
+         "--state-dir", str(state), "--workers", "2"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    clients: list[MqttTransport] = []
+    try:
+        assert _wait(lambda: _ready(state, fed) == 2, 60)
+        time.sleep(0.5)
+        device = MqttTransport(broker.host, port, "devices")
+        device.start()
+        clients.append(device)
+        for topic, payload in payloads[: n // 2]:
+            device.publish(topic, payload)
+        assert _wait(lambda: accepted_count(state, fed) == n // 2, 60)
+        broker.kill()  # no clean stop: whatever it had not saved is gone
+        broker = Broker(port=port, prefer="mosquitto", persistence_dir=tmp_path / "broker-db")
+        assert _wait(lambda: device.connected, 60)  # paho reconnects by itself
+
+        def a_worker_is_back() -> bool:
+            # The crash lost the broker's sessions; a worker that has reconnected subscribed
+            # again and rejects this probe. (Devices would resend on the next republished global
+            # what nobody received meanwhile; this test does not wait for that.)
+            device.publish(topics.update_topic(fed, "probe"), b"probe")
+            time.sleep(0.1)
+            return _rejected(state, fed).get("malformed", 0) > 0
+
+        assert _wait(a_worker_is_back, 60)
+        # The devices come back with the rest, and some resend what was already counted.
+        for topic, payload in payloads[n // 2:] + payloads[:5]:
+            device.publish(topic, payload)
+        leader.wait(120)
+    finally:
+        stop_all(clients, [leader])
+        broker.stop()
+    stderr = leader.stderr.read().decode() if leader.stderr else ""
+    assert leader.returncode == 0, stderr
+    final = GlobalStore(state / fed).global_at(1)
+    assert final is not None and accepted_count(state, fed) == n
+    assert_fedavg(final, sent)
