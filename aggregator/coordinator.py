@@ -89,6 +89,8 @@ class Coordinator:
         ValueError: at construction, for a configuration the strategy cannot honour.
     """
 
+    poll_s = POLL_S  # longest wait for a message before the loop looks at the round again
+
     def __init__(
         self,
         config: AggregatorConfig,
@@ -516,7 +518,7 @@ class Coordinator:
             # the inbox runs dry, the group is full or the round must close, so a round never
             # takes more updates than handling them one at a time would have given it. While
             # the commit syncs, paho's network thread goes on reading the next messages.
-            if not self._take(self.transport.receive(timeout=0 if self._group else POLL_S)):
+            if not self._take(self.transport.receive(timeout=0 if self._group else self.poll_s)):
                 continue
             if not self._round_ready():
                 if self.now() - self._last_publish > self.config.republish_s:

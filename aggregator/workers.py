@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 60.0
 STABLE_S = 120.0
+LEADER_POLL_S = 0.02
 
 
 def share_group(federation: str) -> str:
@@ -144,6 +145,10 @@ class IngestWorker(Coordinator):
 class MergingLeader(Coordinator):
     """Closes each round from the `workers` workers' partial sums and publishes the globals; it
     reads device statuses itself, updates only through the workers."""
+
+    # The workers' updates arrive in the store, not in our inbox: look at it often (a count on
+    # an index) so a round closes soon after its last update is committed.
+    poll_s = LEADER_POLL_S
 
     def __init__(self, *args: object, workers: int, **kwargs: object) -> None:
         # Set first: the base constructor's status snapshot reads them.

@@ -324,9 +324,12 @@ def _wait_exit(child: subprocess.Popen[bytes], timeout: float) -> tuple[int, flo
 
 
 def run_cli(port: int, payloads: list[tuple[str, bytes]], federation: str, artifacts: Path,
-            workers: int) -> dict[str, Any]:
+            workers: str) -> dict[str, Any]:
     """Start `edgefl aggregator --workers W` for one round of every payload, publish them (QoS 1)
-    and time until its final global reaches a subscriber; check it accepted them all."""
+    and time until its final global reaches a subscriber; check it accepted them all.
+    `workers` is W, or nW for W native workers (--worker-kind native)."""
+    native = workers.startswith("n")
+    count = int(workers.removeprefix("n"))
     with tempfile.TemporaryDirectory(prefix="bench-ingest-cli-") as tmp:
         state, log_path = Path(tmp) / "state", Path(tmp) / "aggregator.log"
         db = state / federation / "aggregator.sqlite"
@@ -335,12 +338,14 @@ def run_cli(port: int, payloads: list[tuple[str, bytes]], federation: str, artif
                    "--port", str(port), "--federation", federation, "--artifacts",
                    str(artifacts), "--rounds", "1", "--clients-per-round", n,
                    "--min-clients", n, "--deadline", str(CHILD_TIMEOUT_S), "--state-dir",
-                   str(state), "--workers", str(workers)]
+                   str(state), "--workers", str(count)]
+        if native:
+            command += ["--worker-kind", "native"]
         watcher = _GlobalWatcher(port, federation)
         with open(log_path, "wb") as log:
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            return _drive_cli(port, payloads, federation, workers, child, watcher, db, log_path)
+            return _drive_cli(port, payloads, federation, count, child, watcher, db, log_path)
         except Exception as exc:
             if child.returncode is None:
                 child.kill()
@@ -432,22 +437,21 @@ def measure_rate(port: int, artifacts: Path, updates: int, repeats: int
     }, agg_rates
 
 
-def _worker_counts(text: str) -> list[int]:
-    """Parse --workers: a comma-separated list of worker counts (0: the single process)."""
-    try:
-        counts = [int(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        counts = [-1]
-    if any(w < 0 for w in counts) or len(set(counts)) != len(counts):
-        raise argparse.ArgumentTypeError(f"distinct worker counts ≥ 0, comma-separated; "
-                                         f"got {text!r}")
+def _worker_counts(text: str) -> list[str]:
+    """Parse --workers: a comma-separated list of worker counts (0: the single process; nW: W
+    native workers)."""
+    counts = [w.strip() for w in text.split(",") if w.strip()]
+    if (not all(w.removeprefix("n").isdigit() for w in counts) or "n0" in counts
+            or len(set(counts)) != len(counts)):
+        raise argparse.ArgumentTypeError(f"distinct worker counts ≥ 0 (nW: W native workers), "
+                                         f"comma-separated; got {text!r}")
     return counts
 
 
-def measure_workers(port: int, artifacts: Path, updates: int, repeats: int, counts: list[int]
+def measure_workers(port: int, artifacts: Path, updates: int, repeats: int, counts: list[str]
                     ) -> dict[str, dict[str, Any]]:
     """Raw subscriber and `edgefl aggregator --workers W`: `repeats` interleaved pairs per W."""
-    runs: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {w: [] for w in counts}
+    runs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {w: [] for w in counts}
     # Repeat-major: every W gets a pair before any gets its second, so a load change on the
     # machine spreads over the counts instead of landing on one of them.
     for i in range(repeats):
@@ -456,7 +460,7 @@ def measure_workers(port: int, artifacts: Path, updates: int, repeats: int, coun
             payloads = make_payloads(artifacts, federation, updates, seed=i)
             raw = run_once(port, "raw", payloads, federation, artifacts)
             runs[w].append((raw, run_cli(port, payloads, federation, artifacts, w)))
-    return {str(w): _worker_figures(pairs, updates) for w, pairs in runs.items()}
+    return {w: _worker_figures(pairs, updates) for w, pairs in runs.items()}
 
 
 def _worker_figures(pairs: list[tuple[dict[str, Any], dict[str, Any]]], updates: int

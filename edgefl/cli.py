@@ -189,6 +189,15 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     if args.worker_index is not None:
         return _run_worker(args, config, manifest, artifacts, window_bytes)
     secure = _gateway_connection(args, AGGREGATOR_ID)
+    if args.worker_kind == "native":
+        from aggregator.native_workers import check_native
+
+        if not args.workers:
+            raise SystemExit("edgefl: --worker-kind native needs --workers N")
+        try:
+            check_native(config, manifest, secure["tls"])
+        except ValueError as exc:
+            raise SystemExit(f"edgefl: {exc}") from exc
     registry = _signing_registry(args)
     config = replace(config,
                      allowed_devices=gateways or _allowed_devices(args, registry is not None))
@@ -231,7 +240,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
                            load_file(str(artifacts / manifest.files["adapter_init"])),
                            transport, store, registry=registry, **extra)
         if workers:  # started once round 0's global is stored: they follow the state from it
-            supervisor = Supervisor(partial(_worker_command, args, artifacts), args.workers)
+            make = (partial(_native_command, config, manifest, store.folder, secure)
+                    if args.worker_kind == "native" else partial(_worker_command, args, artifacts))
+            supervisor = Supervisor(make, args.workers)
             supervisor.start()
     except (ValueError, OSError, StorageError, sqlite3.Error, TransportError) as exc:
         if status is not None:
@@ -295,6 +306,14 @@ def _worker_command(args: argparse.Namespace, artifacts: Path, index: int) -> li
     """The command line of worker `index`: the leader's own, for that worker's part."""
     return [sys.executable, "-m", "edgefl", *args.argv, "--artifacts", str(artifacts),
             "--worker-index", str(index)]
+
+
+def _native_command(config: object, manifest: object, folder: Path, secure: dict, index: int
+                    ) -> list[str]:
+    """The command line of native worker `index` (its spec file written first)."""
+    from aggregator.native_workers import command, write_spec
+
+    return command(write_spec(folder, index, config, manifest, secure["host"], secure["port"]))
 
 
 def _run_worker(args: argparse.Namespace, config: object, manifest: object, artifacts: Path,
@@ -531,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N worker processes take the updates through an MQTT 5 shared "
                         "subscription and this one merges their partial sums (fedavg, flora, "
                         "colora; default 0: this process does it all)")
+    p.add_argument("--worker-kind", choices=("python", "native"), default="python",
+                   help="with --workers: Python worker processes, or the native C++ ingest "
+                        "worker (bash scripts/build_native.sh; plain TCP, no --clip-norm)")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     p.add_argument("--upstream", metavar="GATEWAY_ID",
                    help="this gateway's rounds go upstream as partial sums (through a broker "

@@ -1,0 +1,65 @@
+// A minimal MQTT 5 subscriber over plain TCP that acknowledges each QoS 1 message only when told
+// to: the native ingest worker acks an update after the SQLite commit that holds it. libmosquitto
+// and Paho C acknowledge on receipt (eclipse-mosquitto/mosquitto issue #118), which would lose
+// an update received but not yet committed when the worker dies.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+namespace edgefl::ingest {
+
+// The link failed or the broker refused us; what() is one line.
+struct MqttError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Publish {
+  std::string topic;
+  std::string payload;
+  uint16_t packet_id = 0;  // 0: QoS 0, nothing to acknowledge
+};
+
+class MqttSubscriber {
+ public:
+  MqttSubscriber(std::string host, int port, std::string client_id, uint32_t session_expiry_s,
+                 uint16_t receive_maximum);
+  ~MqttSubscriber();
+  MqttSubscriber(const MqttSubscriber&) = delete;
+  MqttSubscriber& operator=(const MqttSubscriber&) = delete;
+
+  // TCP connect, CONNECT (clean start off: the session keeps our unacknowledged messages), CONNACK.
+  void connect();
+  // SUBSCRIBE at QoS 1 and wait for its SUBACK (messages arriving meanwhile are kept).
+  void subscribe(const std::string& filter);
+  // The next PUBLISH, waiting at most timeout_ms for one; nullopt when none came.
+  std::optional<Publish> next(int timeout_ms);
+  // PUBACK, in the order the messages came (MQTT's rule for QoS 1).
+  void ack(uint16_t packet_id);
+  void disconnect();  // DISCONNECT, normal: the session stays on the broker
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  bool parse_one(uint8_t* header, std::string* body);  // one whole packet buffered?
+  Publish parse_publish(uint8_t header, const std::string& body) const;
+  std::optional<Publish> handle(uint8_t header, const std::string& body);
+  bool read_some(int timeout_ms);  // false: timed out
+  void send_all(const std::string& bytes);
+  void keep_alive();
+
+  std::string host_, client_id_;
+  int port_;
+  uint32_t session_expiry_s_;
+  uint16_t receive_maximum_;
+  int fd_ = -1;
+  std::string in_;  // received bytes; [pos_, end_) not parsed yet, the rest is free room
+  size_t pos_ = 0, end_ = 0;
+  std::deque<Publish> pending_;  // PUBLISH packets that came while we waited for a SUBACK
+  Clock::time_point last_sent_, last_heard_;
+};
+
+}  // namespace edgefl::ingest

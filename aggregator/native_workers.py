@@ -1,0 +1,70 @@
+"""Native ingest workers (aggregator/native, `edgefl-ingest`): what IngestWorker does, in C++, for
+`edgefl aggregator --workers N --worker-kind native`. The leader stays the Python MergingLeader;
+each worker reads a spec file the leader writes (this module) and shares the state database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aggregator.config import AggregatorConfig
+from aggregator.registry import check_mergeable
+from aggregator.store import DB_FILE
+from aggregator.workers import share_group
+from protocol import topics
+from protocol.manifest import Manifest
+from protocol.tensors import is_personal
+
+REPO = Path(__file__).resolve().parents[1]
+BINARY = REPO / ".cache" / "native" / "edgefl-ingest"  # built by scripts/build_native.sh
+SESSION_EXPIRY_S = 3600  # as transport.mqtt.MqttTransport's persistent sessions
+RECEIVE_MAXIMUM = 65_535
+BATCH_MAX = 128  # as aggregator.coordinator.BATCH_MAX
+
+
+def check_native(config: AggregatorConfig, manifest: Manifest, tls: object | None) -> None:
+    """Refuse what the native worker does not do, before anything starts.
+
+    Raises:
+        ValueError: its one-line reason.
+    """
+    check_mergeable(config, "--worker-kind native")
+    if tls is not None:
+        raise ValueError("--worker-kind native connects to the broker over plain TCP; on a TLS "
+                         "gateway (--gateway) use --worker-kind python")
+    if config.clip_norm is not None:
+        raise ValueError("--worker-kind native does not clip updates: drop --clip-norm or use "
+                         "--worker-kind python")
+    odd = [s.name for s in manifest.tensors if s.dtype != "float32"]
+    if odd:
+        raise ValueError(f"--worker-kind native folds float32 adapters; {odd[0]} is not")
+    if not BINARY.exists():
+        raise ValueError(f"the native ingest worker is not built ({BINARY}): run bash "
+                         "scripts/build_native.sh")
+
+
+def write_spec(folder: Path, index: int, config: AggregatorConfig, manifest: Manifest, host: str,
+               port: int) -> Path:
+    """The spec file of worker `index` (its settings, as edgefl-ingest reads them)."""
+    f, name = config.federation, f"w{index}"
+    spec = {
+        "federation": f, "worker": name, "client_id": f"aggregator-{f}-{name}",
+        "share_filter": topics.shared_update_filter(f, share_group(f)),
+        "host": host, "port": port, "state_db": str(Path(folder) / DB_FILE),
+        "manifest_sha256": manifest.sha256,
+        "tensors": [{"name": s.name, "shape": list(s.shape)} for s in manifest.tensors
+                    if not is_personal(s.name)],
+        "max_samples": config.max_samples, "rounds": config.rounds, "batch_max": BATCH_MAX,
+        "session_expiry_s": SESSION_EXPIRY_S, "receive_maximum": RECEIVE_MAXIMUM,
+        "allowed_devices": (None if config.allowed_devices is None
+                            else sorted(config.allowed_devices)),
+        "signing_registry": None,
+    }
+    path = Path(folder) / f"native-{name}.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+def command(spec: Path) -> list[str]:
+    """The command line of a native worker."""
+    return [str(BINARY), str(spec)]
