@@ -60,6 +60,10 @@ def test_a_combination_that_would_break_is_one_line(cnn_artifacts: Path, tmp_pat
     (["--merge-gateways", "g1,g1"], "distinct gateway ids"),
     (["--merge-gateways", ","], "--merge-gateways names no gateway"),
     (["--workers", "2", "--mode", "async"], "merges synchronous rounds"),
+    (["--worker-kind", "native"], "--worker-kind native needs --workers N"),
+    (["--workers", "2", "--worker-kind", "native", "--clip-norm", "1"], "does not clip updates"),
+    (["--workers", "2", "--worker-kind", "native", "--strategy", "fedmedian"],
+     "fedmedian needs every update of a round"),
 ])
 def test_bad_scale_out_options_are_one_line(options: list[str], words: str, cnn_artifacts: Path,
                                             tmp_path: Path) -> None:

@@ -141,26 +141,31 @@ def _ready(state: Path, federation: str = KILL_FED) -> int:
     return count_rows(state, federation, "worker_rejections")
 
 
+@pytest.mark.parametrize("kind", ["python", "native"])
 def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
-        mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path) -> None:
-    sent, payloads = burst(cnn_artifacts, KILL_FED, BURST, seed=2)
+        mosquitto: Broker, cnn_artifacts: Path, tmp_path: Path, kind: str,
+        request: pytest.FixtureRequest) -> None:
+    if kind == "native":  # aggregator/native's edgefl-ingest, through the same CLI
+        request.getfixturevalue("native_build")
+    federation = f"{KILL_FED}{kind}"
+    sent, payloads = burst(cnn_artifacts, federation, BURST, seed=2)
     device = MqttTransport(mosquitto.host, mosquitto.port, "shared-devices")
     device.start()
     watcher = MqttTransport(mosquitto.host, mosquitto.port, "shared-watcher")
     watcher.start()
-    watcher.subscribe(topics.global_topic(KILL_FED))
+    watcher.subscribe(topics.global_topic(federation))
     state = tmp_path / "state"
     leader = subprocess.Popen(
         [sys.executable, "-m", "edgefl", "aggregator", "--host", mosquitto.host,
-         "--port", str(mosquitto.port), "--federation", KILL_FED, "--artifacts",
+         "--port", str(mosquitto.port), "--federation", federation, "--artifacts",
          str(cnn_artifacts), "--rounds", "1", "--clients-per-round", str(BURST),
          "--min-clients", str(BURST), "--deadline", "600", "--state-dir", str(state),
-         "--window-mib", "0.25", "--workers", "2"],
+         "--window-mib", "0.25", "--workers", "2", "--worker-kind", kind],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed: list[int] = []
     try:
         assert _wait(lambda: watcher.receive(0.5) is not None, 60)  # round 0 is open
-        assert _wait(lambda: _ready(state) == 2, 60)  # both workers subscribed
+        assert _wait(lambda: _ready(state, federation) == 2, 60)  # both workers subscribed
         time.sleep(0.5)  # the broker has handled the SUBSCRIBE sent before that row
         # The victim is frozen first, so it surely holds unacknowledged updates when it dies
         # (a worker that happened to have acknowledged its whole share would prove nothing).
@@ -170,7 +175,7 @@ def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
             device.publish(topic, payload)
         for topic, payload in payloads[:10]:  # devices resending the same bytes
             device.publish(topic, payload)
-        assert _wait(lambda: accepted_count(state, KILL_FED) >= 20, 60)  # the other one works
+        assert _wait(lambda: accepted_count(state, federation) >= 20, 60)  # the other one works
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
         final = None
@@ -191,7 +196,7 @@ def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
     assert killed and "restarting it" in stderr, stderr
     assert final is not None and final.round == 1
     assert_fedavg(final.adapter, sent)
-    with sqlite3.connect(state / KILL_FED / DB_FILE) as db:
+    with sqlite3.connect(state / federation / DB_FILE) as db:
         assert db.execute("SELECT COUNT(*) FROM accepted").fetchone() == (BURST,)
         counts = dict(db.execute("SELECT worker, count FROM partials WHERE round = 0"))
     assert set(counts) == {"w0", "w1"} and min(counts.values()) > 0, counts

@@ -271,7 +271,7 @@ class Worker {
   }
 
   void fold(Publish message) {
-    Handled h{std::move(message)};
+    Handled h{std::move(message), false, {}};
     try {
       Update update = validate(h.message);
       add(update, h);

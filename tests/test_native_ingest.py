@@ -1,0 +1,184 @@
+"""The native ingest worker (aggregator/native, `edgefl aggregator --workers N --worker-kind
+native`) against the Python IngestWorker it replaces: the same updates through the real CLI and a
+real Mosquitto give the same rejection counts, the same partial sum to the bit and the same
+global, which is the FedAvg of the accepted updates worked out here from the formula."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from aggregator.store import DB_FILE, GlobalStore
+from protocol import codec, topics
+from protocol.manifest import load_manifest
+from protocol.messages import Update
+from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
+from tests.test_group_commit import _wait
+from tests.test_workers import _ready, _rejected
+from transport.broker import Broker
+from transport.mqtt import MqttTransport
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_SAMPLES = 1000  # --max-samples: one update below claims more, and must weigh this much
+
+
+def _mixed(artifacts: Path, federation: str
+           ) -> tuple[list[tuple[dict[str, np.ndarray], float]], list[tuple[str, bytes]]]:
+    """Updates for round 0 of `federation`, valid and hostile in turn: the (full adapter,
+    weight) pairs the round must average, and every (topic, payload) in sending order."""
+    manifest = load_manifest(artifacts)
+    initial = load_file(str(artifacts / manifest.files["adapter_init"]))
+    rng = np.random.default_rng(11)  # the same tensors for every federation name
+
+    def adapter(scale: float = 1.0) -> dict[str, np.ndarray]:
+        return {k: (scale * rng.standard_normal(v.shape)).astype(np.float32)
+                for k, v in initial.items()}
+
+    def update(device: str, samples: int, tensors: dict[str, np.ndarray], **fields: object
+               ) -> Update:
+        base: dict[str, object] = {"federation": federation, "round": 0, "device_id": device,
+                                   "manifest_sha256": manifest.sha256, "num_samples": samples,
+                                   "update_id": f"{device}-{uuid.uuid4().hex[:12]}",
+                                   "adapter": tensors}
+        return Update(**{**base, **fields})  # type: ignore[arg-type]
+
+    def message(u: Update, device: str | None = None) -> tuple[str, bytes]:
+        return topics.update_topic(federation, device or u.device_id), codec.encode_update(u)
+
+    full, delta = adapter(), adapter(0.01)
+    d0 = update("d0", 100, full, metrics={"loss": 0.5, "accuracy": 0.25})
+    d1 = update("d1", 300, delta, is_delta=True, metrics={"loss": 1.5})
+    d2 = update("d2", 50_000, adapter())  # claims more than --max-samples
+    d3 = update("d3", 50, adapter())
+    nan = adapter()
+    nan[sorted(nan)[0]].flat[3] = np.nan
+    missing = adapter()
+    del missing[sorted(missing)[-1]]
+    sent = [
+        message(d0),
+        message(d1),
+        message(d0),  # redelivered: duplicate
+        message(update("d0", 100, adapter())),  # a second update of d0: duplicate-device
+        (topics.update_topic(federation, "d5"), b"\x28\xb5\x2f\xfd not a frame"),  # malformed
+        message(update("d6", 10, adapter(), federation="elsewhere"), "d6"),  # federation
+        message(update("d7", 10, adapter()), "d8"),  # device-mismatch
+        message(update("d9", 10, adapter(), manifest_sha256="0" * 64)),  # manifest
+        message(update("d10", 10, adapter(), round=1)),  # future-round
+        message(update("d11", 10, adapter(), task="t1")),  # task
+        message(update("d12", 10, nan)),  # tensors
+        message(update("d13", 10, missing)),  # tensors
+        message(d2),
+        message(d3),  # the last: the round closes on it, after every rejection above
+    ]
+    d1_full = {k: initial[k] + delta[k] for k in initial}  # float32, as the aggregator adds it
+    accepted = [(full, 100.0), (d1_full, 300.0), (d2.adapter, float(MAX_SAMPLES)),
+                (d3.adapter, 50.0)]
+    return accepted, sent
+
+
+ACCEPTED_AT = (0, 1, 12, 13)  # where d0, d1, d2 and d3 are in _mixed's sending order
+EXPECTED_REJECTIONS = {"duplicate": 1, "duplicate-device": 1, "malformed": 1, "federation": 1,
+                       "device-mismatch": 1, "manifest": 1, "future-round": 1, "task": 1,
+                       "tensors": 2}
+
+
+def _one_round(broker: Broker, artifacts: Path, state: Path, federation: str, kind: str,
+               sent: list[tuple[str, bytes]]) -> str:
+    """`edgefl aggregator --workers 1 --worker-kind <kind>` for one round of 4 updates, fed
+    `sent` once its worker has subscribed; its log."""
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "aggregator", "--host", broker.host,
+         "--port", str(broker.port), "--federation", federation, "--artifacts", str(artifacts),
+         "--rounds", "1", "--clients-per-round", "4", "--min-clients", "4", "--deadline", "600",
+         "--max-samples", str(MAX_SAMPLES), "--state-dir", str(state), "--workers", "1",
+         "--worker-kind", kind], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    device = MqttTransport(broker.host, broker.port, f"devices-{federation}")
+    device.start()
+    try:
+        assert _wait(lambda: _ready(state, federation) == 1 or leader.poll() is not None, 60)
+        time.sleep(0.5)  # the broker has handled the SUBSCRIBE sent before that row
+        for topic, payload in sent:  # one client, QoS 1: the worker gets them in this order
+            device.publish(topic, payload)
+        leader.wait(90)
+    finally:
+        device.stop()
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
+    log = leader.stderr.read().decode() if leader.stderr else ""
+    assert leader.returncode == 0, log
+    return log
+
+
+def _partial(state: Path, federation: str) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    """Worker w0's row of round 0 (its totals) and its partial sum, as the store holds them."""
+    with sqlite3.connect(state / federation / DB_FILE) as db:
+        snapshot, weight, sums, nbytes, count = db.execute(
+            "SELECT snapshot, weight, metric_sums, bytes, count FROM partials WHERE round = 0 "
+            "AND worker = 'w0'").fetchone()
+    from safetensors.numpy import load
+
+    return ({"weight": weight, "metric_sums": json.loads(sums), "bytes": nbytes,
+             "count": count}, load(snapshot))
+
+
+def test_native_and_python_workers_judge_and_sum_alike(
+        mosquitto: Broker, cnn_artifacts: Path, native_build: Path, tmp_path: Path) -> None:
+    results = {}
+    for kind in ("python", "native"):
+        federation = f"parity-{kind}"
+        accepted, sent = _mixed(cnn_artifacts, federation)
+        state = tmp_path / kind
+        log = _one_round(mosquitto, cnn_artifacts, state, federation, kind, sent)
+        final = GlobalStore(state / federation).global_at(1)
+        assert final is not None, log
+        totals, sums = _partial(state, federation)
+        # The bytes of the 4 accepted payloads (the compressed sizes differ between the two
+        # federations' payloads by a byte or so, so each is checked against its own).
+        assert totals.pop("bytes") == sum(len(sent[i][1]) for i in ACCEPTED_AT)
+        results[kind] = (final, _rejected(state, federation), totals, sums)
+    python, native = results["python"], results["native"]
+    assert python[1] == native[1] == EXPECTED_REJECTIONS
+    # FedAvg from its formula: Σ w_k·x_k / Σ w_k over the 4 accepted updates, with d1's delta
+    # added to the global it started from and d2's 50,000 samples capped at MAX_SAMPLES.
+    total = sum(w for _, w in accepted)
+    assert total == 100 + 300 + MAX_SAMPLES + 50
+    for name, value in native[0].items():
+        expected = sum(a[name].astype(np.float64) * w for a, w in accepted) / total
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(value, python[0][name])  # the same float32 bits
+    # The durable partial sums agree to the bit, and so do their totals: weights, the
+    # weighted metric sums (loss 0.5·100 + 1.5·300, accuracy 0.25·100), the count.
+    assert native[2] == python[2]
+    assert native[2]["metric_sums"] == {"loss": 500.0, "accuracy": 25.0}
+    assert native[2]["weight"] == total and native[2]["count"] == 4
+    assert set(native[3]) == set(python[3])
+    for name in native[3]:
+        np.testing.assert_array_equal(native[3][name], python[3][name])
+
+
+def test_native_workers_refuse_a_tls_gateway_in_one_line(
+        gateway_dir: Path, cnn_artifacts: Path, native_build: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    from edgefl.gateway import init_gateway
+    from transport.broker import free_port
+
+    init_gateway(gateway_dir, ["dev-a"], port=free_port(), workers=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "aggregator", "--gateway", str(gateway_dir),
+         "--artifacts", str(cnn_artifacts), "--workers", "2", "--worker-kind", "native",
+         "--state-dir", str(tmp_path / "state")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "over plain TCP" in lines[0], proc.stderr
+    assert not (tmp_path / "state").exists()
+
