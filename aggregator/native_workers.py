@@ -1,6 +1,7 @@
 """Native ingest workers (aggregator/native, `edgefl-ingest`): what IngestWorker does, in C++, for
 `edgefl aggregator --workers N --worker-kind native`. The leader stays the Python MergingLeader;
-each worker reads a spec file the leader writes (this module) and shares the state database."""
+each worker reads a spec file the leader writes (this module) and shares the state database.
+Plain MQTT or TLS with the worker's own certificate; signed updates when the gateway has keys."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aggregator.workers import share_group
 from protocol import topics
 from protocol.manifest import Manifest
 from protocol.tensors import is_personal
+from transport.mqtt import TlsFiles
 
 REPO = Path(__file__).resolve().parents[1]
 BINARY = REPO / ".cache" / "native" / "edgefl-ingest"  # built by scripts/build_native.sh
@@ -22,16 +24,13 @@ RECEIVE_MAXIMUM = 65_535
 BATCH_MAX = 128  # as aggregator.coordinator.BATCH_MAX
 
 
-def check_native(config: AggregatorConfig, manifest: Manifest, tls: object | None) -> None:
+def check_native(config: AggregatorConfig, manifest: Manifest) -> None:
     """Refuse what the native worker does not do, before anything starts.
 
     Raises:
         ValueError: its one-line reason.
     """
     check_mergeable(config, "--worker-kind native")
-    if tls is not None:
-        raise ValueError("--worker-kind native connects to the broker over plain TCP; on a TLS "
-                         "gateway (--gateway) use --worker-kind python")
     if config.clip_norm is not None:
         raise ValueError("--worker-kind native does not clip updates: drop --clip-norm or use "
                          "--worker-kind python")
@@ -44,8 +43,10 @@ def check_native(config: AggregatorConfig, manifest: Manifest, tls: object | Non
 
 
 def write_spec(folder: Path, index: int, config: AggregatorConfig, manifest: Manifest, host: str,
-               port: int) -> Path:
-    """The spec file of worker `index` (its settings, as edgefl-ingest reads them)."""
+               port: int, tls: TlsFiles | None = None, signing_registry: Path | None = None
+               ) -> Path:
+    """The spec file of worker `index` (its settings, as edgefl-ingest reads them): with `tls`,
+    the worker's own TLS identity; with `signing_registry`, updates must be signed."""
     f, name = config.federation, f"w{index}"
     spec = {
         "federation": f, "worker": name, "client_id": f"aggregator-{f}-{name}",
@@ -58,7 +59,9 @@ def write_spec(folder: Path, index: int, config: AggregatorConfig, manifest: Man
         "session_expiry_s": SESSION_EXPIRY_S, "receive_maximum": RECEIVE_MAXIMUM,
         "allowed_devices": (None if config.allowed_devices is None
                             else sorted(config.allowed_devices)),
-        "signing_registry": None,
+        "signing_registry": None if signing_registry is None else str(signing_registry),
+        "tls": None if tls is None else {"ca": str(tls.ca), "cert": str(tls.cert or ""),
+                                         "key": str(tls.key or "")},
     }
     path = Path(folder) / f"native-{name}.json"
     path.write_text(json.dumps(spec, indent=1))

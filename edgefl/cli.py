@@ -195,7 +195,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         if not args.workers:
             raise SystemExit("edgefl: --worker-kind native needs --workers N")
         try:
-            check_native(config, manifest, secure["tls"])
+            check_native(config, manifest)
         except ValueError as exc:
             raise SystemExit(f"edgefl: {exc}") from exc
     registry = _signing_registry(args)
@@ -240,7 +240,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
                            load_file(str(artifacts / manifest.files["adapter_init"])),
                            transport, store, registry=registry, **extra)
         if workers:  # started once round 0's global is stored: they follow the state from it
-            make = (partial(_native_command, config, manifest, store.folder, secure)
+            make = (partial(_native_command, args, config, manifest, store.folder)
                     if args.worker_kind == "native" else partial(_worker_command, args, artifacts))
             supervisor = Supervisor(make, args.workers)
             supervisor.start()
@@ -308,12 +308,16 @@ def _worker_command(args: argparse.Namespace, artifacts: Path, index: int) -> li
             "--worker-index", str(index)]
 
 
-def _native_command(config: object, manifest: object, folder: Path, secure: dict, index: int
-                    ) -> list[str]:
-    """The command line of native worker `index` (its spec file written first)."""
+def _native_command(args: argparse.Namespace, config: object, manifest: object, folder: Path,
+                    index: int) -> list[str]:
+    """The command line of native worker `index`, its spec file written first: its own TLS
+    identity and the signing registry on a gateway, as a Python worker's (_run_worker)."""
     from aggregator.native_workers import command, write_spec
 
-    return command(write_spec(folder, index, config, manifest, secure["host"], secure["port"]))
+    secure = _gateway_connection(args, worker_id(index))
+    registry = load_gateway(Path(args.gateway)).signing_registry if args.gateway else None
+    return command(write_spec(folder, index, config, manifest, secure["host"], secure["port"],
+                              secure["tls"], registry))
 
 
 def _run_worker(args: argparse.Namespace, config: object, manifest: object, artifacts: Path,
@@ -552,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "colora; default 0: this process does it all)")
     p.add_argument("--worker-kind", choices=("python", "native"), default="python",
                    help="with --workers: Python worker processes, or the native C++ ingest "
-                        "worker (bash scripts/build_native.sh; plain TCP, no --clip-norm)")
+                        "worker (bash scripts/build_native.sh; no --clip-norm)")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     p.add_argument("--upstream", metavar="GATEWAY_ID",
                    help="this gateway's rounds go upstream as partial sums (through a broker "

@@ -20,7 +20,6 @@ from aggregator.store import DB_FILE, GlobalStore
 from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
-from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
 from tests.test_group_commit import _wait
 from tests.test_workers import _ready, _rejected
 from transport.broker import Broker
@@ -163,22 +162,4 @@ def test_native_and_python_workers_judge_and_sum_alike(
     assert set(native[3]) == set(python[3])
     for name in native[3]:
         np.testing.assert_array_equal(native[3][name], python[3][name])
-
-
-def test_native_workers_refuse_a_tls_gateway_in_one_line(
-        gateway_dir: Path, cnn_artifacts: Path, native_build: Path,  # noqa: F811
-        tmp_path: Path) -> None:
-    from edgefl.gateway import init_gateway
-    from transport.broker import free_port
-
-    init_gateway(gateway_dir, ["dev-a"], port=free_port(), workers=2)
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgefl", "aggregator", "--gateway", str(gateway_dir),
-         "--artifacts", str(cnn_artifacts), "--workers", "2", "--worker-kind", "native",
-         "--state-dir", str(tmp_path / "state")],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "over plain TCP" in lines[0], proc.stderr
-    assert not (tmp_path / "state").exists()
 

@@ -215,8 +215,12 @@ def test_workers_with_a_strategy_that_cannot_merge_is_one_line(tmp_path: Path,
 
 
 # -- workers on a TLS gateway: an identity each, signed updates, the ACL ---------------------
+@pytest.mark.parametrize("kind", ["python", "native"])
 def test_workers_on_a_tls_gateway_take_only_signed_updates(
-        gateway_dir: Path, cnn_artifacts: Path, tmp_path: Path) -> None:  # noqa: F811
+        gateway_dir: Path, cnn_artifacts: Path, tmp_path: Path, kind: str,  # noqa: F811
+        request: pytest.FixtureRequest) -> None:
+    if kind == "native":
+        request.getfixturevalue("native_build")
     from edgefl.gateway import init_gateway, load_gateway
     from protocol.signing import load_private_key, sign_payload
     from tests.test_gateway_security import start_broker, stop_broker
@@ -224,11 +228,11 @@ def test_workers_on_a_tls_gateway_take_only_signed_updates(
 
     devices = ["dev-a", "dev-b", "dev-c"]
     files = init_gateway(gateway_dir, devices, port=free_port())
-    fed, state = "tlsworkers", tmp_path / "state"
+    fed, state = f"tlsworkers{kind}", tmp_path / "state"
     command = [sys.executable, "-m", "edgefl", "aggregator", "--gateway", str(gateway_dir),
                "--federation", fed, "--artifacts", str(cnn_artifacts), "--rounds", "1",
                "--clients-per-round", "3", "--min-clients", "3", "--deadline", "600",
-               "--state-dir", str(state), "--workers", "2"]
+               "--state-dir", str(state), "--workers", "2", "--worker-kind", kind]
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
                              check=False)
     assert refused.returncode != 0 and "edgefl gateway workers" in refused.stderr

@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -65,6 +66,7 @@ struct Spec {
   bool has_allowed = false;
   std::set<std::string> allowed;
   std::string signing_registry;  // "": updates are not signed
+  std::optional<TlsFiles> tls;   // absent: plain TCP
 };
 
 Spec read_spec(const std::string& path) {
@@ -91,6 +93,7 @@ Spec read_spec(const std::string& path) {
     for (const auto& d : j.at("allowed_devices")) s.allowed.insert(d.get<std::string>());
   }
   if (!j.at("signing_registry").is_null()) s.signing_registry = j.at("signing_registry");
+  if (const json& tls = j.at("tls"); !tls.is_null()) s.tls = TlsFiles{tls.at("ca"), tls.at("cert"), tls.at("key")};
   return s;
 }
 
@@ -180,7 +183,8 @@ class Worker {
  public:
   explicit Worker(Spec spec)
       : spec_(std::move(spec)), store_(spec_.state_db),
-        mqtt_(spec_.host, spec_.port, spec_.client_id, spec_.session_expiry_s, spec_.receive_maximum) {
+        mqtt_(spec_.host, spec_.port, spec_.client_id, spec_.session_expiry_s, spec_.receive_maximum,
+              spec_.tls) {
     if (!spec_.signing_registry.empty()) registry_ = std::make_unique<Registry>(spec_.signing_registry);
     if (auto saved = store_.rejections(spec_.worker)) {  // a restarted worker goes on counting
       for (const auto& [reason, count] : json::parse(*saved).items()) rejections_[reason] = count;

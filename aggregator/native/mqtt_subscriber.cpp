@@ -2,14 +2,20 @@
 // SUBSCRIBE/SUBACK, PUBLISH/PUBACK, PINGREQ/PINGRESP and DISCONNECT.
 #include "mqtt_subscriber.hpp"
 
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -87,12 +93,59 @@ struct Reader {
 }  // namespace
 
 MqttSubscriber::MqttSubscriber(std::string host, int port, std::string client_id,
-                               uint32_t session_expiry_s, uint16_t receive_maximum)
+                               uint32_t session_expiry_s, uint16_t receive_maximum,
+                               std::optional<TlsFiles> tls)
     : host_(std::move(host)), client_id_(std::move(client_id)), port_(port),
-      session_expiry_s_(session_expiry_s), receive_maximum_(receive_maximum) {}
+      session_expiry_s_(session_expiry_s), receive_maximum_(receive_maximum), tls_(std::move(tls)) {}
 
 MqttSubscriber::~MqttSubscriber() {
+  if (ssl_) SSL_free(ssl_);
+  if (ctx_) SSL_CTX_free(ctx_);
   if (fd_ >= 0) ::close(fd_);
+}
+
+namespace {
+
+std::string ssl_error(const std::string& what) {
+  unsigned long code = ERR_get_error();
+  char text[256] = "unknown error";
+  if (code) ERR_error_string_n(code, text, sizeof text);
+  return what + ": " + text;
+}
+
+}  // namespace
+
+void MqttSubscriber::start_tls() {
+  ctx_ = SSL_CTX_new(TLS_client_method());
+  if (!ctx_) throw MqttError(ssl_error("TLS"));
+  SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
+  if (SSL_CTX_load_verify_locations(ctx_, tls_->ca.c_str(), nullptr) != 1)
+    throw MqttError(ssl_error("cannot read the CA " + tls_->ca));
+  if (!tls_->cert.empty()) {
+    if (SSL_CTX_use_certificate_chain_file(ctx_, tls_->cert.c_str()) != 1 ||
+        SSL_CTX_use_PrivateKey_file(ctx_, tls_->key.c_str(), SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx_) != 1)
+      throw MqttError(ssl_error("cannot use the client certificate " + tls_->cert));
+  }
+  SSL_CTX_set_mode(ctx_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  ssl_ = SSL_new(ctx_);
+  if (!ssl_ || SSL_set_fd(ssl_, fd_) != 1) throw MqttError(ssl_error("TLS"));
+  // The broker's certificate must name the host we dialled: an IP address or a DNS name.
+  in6_addr ip;
+  bool is_ip = inet_pton(AF_INET, host_.c_str(), &ip) == 1 || inet_pton(AF_INET6, host_.c_str(), &ip) == 1;
+  if (is_ip) {
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl_), host_.c_str());
+  } else {
+    SSL_set_tlsext_host_name(ssl_, host_.c_str());
+    SSL_set1_host(ssl_, host_.c_str());
+  }
+  if (SSL_connect(ssl_) != 1) {
+    long verify = SSL_get_verify_result(ssl_);
+    throw MqttError(verify != X509_V_OK
+                        ? "TLS: the broker's certificate does not verify: " +
+                              std::string(X509_verify_cert_error_string(verify))
+                        : ssl_error("TLS handshake with " + host_));
+  }
 }
 
 void MqttSubscriber::connect() {
@@ -117,6 +170,8 @@ void MqttSubscriber::connect() {
   if (fd_ < 0) throw MqttError("cannot connect to " + host_ + ":" + port + ": " + why);
   int one = 1;
   setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // PUBACKs are tiny: send now
+  if (tls_) start_tls();  // the handshake blocks; from here on the socket does not
+  fcntl(fd_, F_SETFL, fcntl(fd_, F_GETFL) | O_NONBLOCK);
 
   std::string body;
   put_string(&body, "MQTT");
@@ -232,6 +287,7 @@ void MqttSubscriber::disconnect() {
     send_all(std::string{static_cast<char>(kDisconnect), 0});
   } catch (const MqttError&) {
   }
+  if (ssl_) SSL_shutdown(ssl_);  // our close_notify; the broker's is not waited for
   ::close(fd_);
   fd_ = -1;
 }
@@ -256,15 +312,28 @@ bool MqttSubscriber::parse_one(uint8_t* header, std::string* body) {
 }
 
 bool MqttSubscriber::read_some(int timeout_ms) {
-  pollfd p{fd_, POLLIN, 0};
-  int ready = ::poll(&p, 1, timeout_ms);
-  if (ready < 0 && errno != EINTR) throw MqttError(std::string("poll: ") + std::strerror(errno));
-  if (ready <= 0) return false;
+  if (!(ssl_ && SSL_pending(ssl_) > 0)) {  // TLS may hold decrypted bytes the socket no longer has
+    pollfd p{fd_, POLLIN, 0};
+    int ready = ::poll(&p, 1, timeout_ms);
+    if (ready < 0 && errno != EINTR) throw MqttError(std::string("poll: ") + std::strerror(errno));
+    if (ready <= 0) return false;
+  }
   if (in_.size() - end_ < kReadChunk) {  // room for a chunk: move the unparsed bytes forward
     in_.erase(0, pos_);
     end_ -= pos_;
     pos_ = 0;
     if (in_.size() - end_ < kReadChunk) in_.resize(end_ + kReadChunk);
+  }
+  if (ssl_) {
+    int got = SSL_read(ssl_, &in_[end_], static_cast<int>(std::min<size_t>(in_.size() - end_, 1 << 30)));
+    if (got > 0) {
+      end_ += static_cast<size_t>(got);
+      return true;
+    }
+    int error = SSL_get_error(ssl_, got);
+    if (error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE) return true;  // a part of a record
+    if (error == SSL_ERROR_ZERO_RETURN) throw MqttError("the broker closed the connection");
+    throw MqttError(ssl_error("TLS read"));
   }
   ssize_t got = ::recv(fd_, &in_[end_], in_.size() - end_, 0);
   if (got == 0) throw MqttError("the broker closed the connection");
@@ -279,14 +348,38 @@ bool MqttSubscriber::read_some(int timeout_ms) {
 void MqttSubscriber::send_all(const std::string& bytes) {
   size_t sent = 0;
   while (sent < bytes.size()) {
+    if (ssl_) {
+      int n = SSL_write(ssl_, bytes.data() + sent, static_cast<int>(bytes.size() - sent));
+      if (n > 0) {
+        sent += static_cast<size_t>(n);
+        continue;
+      }
+      int error = SSL_get_error(ssl_, n);
+      if (error == SSL_ERROR_WANT_WRITE || error == SSL_ERROR_WANT_READ) {
+        wait_for(error == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN);
+        continue;
+      }
+      throw MqttError(ssl_error("TLS write"));
+    }
     ssize_t n = ::send(fd_, bytes.data() + sent, bytes.size() - sent, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        wait_for(POLLOUT);
+        continue;
+      }
       throw MqttError(std::string("send: ") + std::strerror(errno));
     }
     sent += static_cast<size_t>(n);
   }
   last_sent_ = Clock::now();
+}
+
+void MqttSubscriber::wait_for(short events) {
+  pollfd p{fd_, events, 0};
+  int ready = ::poll(&p, 1, kKeepAliveS * 1000);
+  if (ready == 0) throw MqttError("the broker stopped reading");
+  if (ready < 0 && errno != EINTR) throw MqttError(std::string("poll: ") + std::strerror(errno));
 }
 
 void MqttSubscriber::keep_alive() {
