@@ -53,9 +53,11 @@ class IngestWorker(Coordinator):
 
     def __init__(self, *args: object, worker: str, **kwargs: object) -> None:
         self.worker = worker  # set first: Coordinator's constructor restores our partial sum
-        self._shared: dict[str, int] = {}  # the rejection counts the store holds for us
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         check_mergeable(self.config, "--workers")
+        # A restarted worker goes on from the counts it stored, which the leader adds up.
+        self.rejections.update(self.store.worker_rejections().get(self.worker, {}))
+        self._shared = dict(self.rejections)  # the rejection counts the store holds for us
 
     def _subscriptions(self) -> tuple[str, ...]:
         f = self.config.federation

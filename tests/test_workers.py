@@ -119,6 +119,17 @@ def test_a_restarted_worker_resumes_its_partial_sum(tmp_path: Path) -> None:
     np.testing.assert_allclose(leader.adapter["fc1.lora_A.weight"], 6.0)
 
 
+def test_a_restarted_worker_goes_on_counting_its_rejections(tmp_path: Path) -> None:
+    leader, (a, _) = _gateway(tmp_path)
+    a.handle(_message("d1", 2.0, 10))
+    a.handle(Message(topics.update_topic(FED, "d2"), b"not an update"))
+    again = IngestWorker(_config(), MANIFEST, ZERO, QueueTransport(), GlobalStore(tmp_path),
+                         worker="w0")
+    again.handle(_message("d1", 3.0, 10))  # the same device again
+    leader._round_ready()
+    assert leader.snapshot().rejections == {"malformed": 1, "duplicate-device": 1}
+
+
 @pytest.mark.parametrize("strategy", ["fedmedian", "trimmed_mean", "exact", "dp-fedavg"])
 def test_strategies_that_need_every_update_are_refused(tmp_path: Path, strategy: str) -> None:
     with pytest.raises(ValueError, match="merges partial weighted sums"):
