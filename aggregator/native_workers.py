@@ -6,6 +6,7 @@ Plain MQTT or TLS with the worker's own certificate; signed updates when the gat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
@@ -18,7 +19,7 @@ from protocol.tensors import is_personal
 from transport.mqtt import TlsFiles
 
 REPO = Path(__file__).resolve().parents[1]
-BINARY = REPO / ".cache" / "native" / "edgefl-ingest"  # built by scripts/build_native.sh
+BUILT = REPO / ".cache" / "native-ingest" / "edgefl-ingest"  # by scripts/build_ingest.sh
 SESSION_EXPIRY_S = 3600  # as transport.mqtt.MqttTransport's persistent sessions
 RECEIVE_MAXIMUM = 65_535
 BATCH_MAX = 128  # as aggregator.coordinator.BATCH_MAX
@@ -37,9 +38,17 @@ def check_native(config: AggregatorConfig, manifest: Manifest) -> None:
     odd = [s.name for s in manifest.tensors if s.dtype != "float32"]
     if odd:
         raise ValueError(f"--worker-kind native folds float32 adapters; {odd[0]} is not")
-    if not BINARY.exists():
-        raise ValueError(f"the native ingest worker is not built ({BINARY}): run bash "
-                         "scripts/build_native.sh")
+    if binary() is None:
+        raise ValueError(f"the native ingest worker is not built ({BUILT}, or edgefl-ingest on "
+                         "PATH): run bash scripts/build_ingest.sh")
+
+
+def binary() -> Path | None:
+    """edgefl-ingest: the one scripts/build_ingest.sh built in this checkout, else on PATH."""
+    if BUILT.exists():
+        return BUILT
+    found = shutil.which("edgefl-ingest")
+    return None if found is None else Path(found)
 
 
 def write_spec(folder: Path, index: int, config: AggregatorConfig, manifest: Manifest, host: str,
@@ -70,4 +79,5 @@ def write_spec(folder: Path, index: int, config: AggregatorConfig, manifest: Man
 
 def command(spec: Path) -> list[str]:
     """The command line of a native worker."""
-    return [str(BINARY), str(spec)]
+    # Gone since check_native: starting BUILT fails, and the supervisor logs it and retries.
+    return [str(binary() or BUILT), str(spec)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -242,7 +243,11 @@ class Supervisor:
             self._launch(index)
 
     def _launch(self, index: int) -> None:
-        self.processes[index] = subprocess.Popen(self.command(index))
+        try:
+            self.processes[index] = subprocess.Popen(self.command(index))
+        except OSError as exc:  # a missing program, say: retried like a worker that died at once
+            logger.error("cannot start aggregator worker %d: %s", index, exc)
+            self.processes[index] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(127)"])
         self._started[index] = time.monotonic()
 
     def poll(self) -> bool:

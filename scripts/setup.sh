@@ -4,9 +4,11 @@ set -o errexit -o pipefail -o nounset
 cd "$(dirname "$0")/.."
 
 # fortunes-de/es/it/pl: the language-identification task of the multi-task text federations.
-# cmake, g++, pkg-config and the -dev packages: the native C++ device (scripts/build_native.sh).
+# cmake, g++, pkg-config and the -dev packages: the native C++ device (scripts/build_native.sh)
+# and the native ingest worker (scripts/build_ingest.sh, which also needs libsqlite3-dev).
 APT_PACKAGES=(mosquitto dataset-fashion-mnist fortunes fortunes-de fortunes-es fortunes-it fortunes-pl
-              cmake g++ pkg-config libmosquitto-dev libzstd-dev libssl-dev nlohmann-json3-dev)
+              cmake g++ pkg-config libmosquitto-dev libzstd-dev libssl-dev nlohmann-json3-dev
+              libsqlite3-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

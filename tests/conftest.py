@@ -110,7 +110,8 @@ def make_adapter(seed: int, shapes: dict[str, tuple[int, ...]]) -> TensorDict:
 
 @pytest.fixture(scope="session")
 def native_build() -> Path:
-    """edge_client/native built (incrementally) into .cache/native by scripts/build_native.sh."""
+    """edge_client/native built (incrementally) into .cache/native by scripts/build_native.sh,
+    and the native ingest worker (aggregator/native) into .cache/native-ingest."""
     from edge_client.native import build_native
 
     return build_native()

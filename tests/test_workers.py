@@ -340,6 +340,24 @@ def test_a_worker_that_keeps_dying_is_restarted_with_growing_pauses(
     assert supervisor.restarts == 4
 
 
+def test_a_worker_program_that_cannot_start_is_retried_not_fatal(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from aggregator import workers
+
+    clock = [0.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    supervisor = workers.Supervisor(lambda index: ["/nonexistent/edgefl-ingest"], 1)
+    supervisor.start()  # no exception: the leader goes on, and tries again
+    for _ in range(6):
+        supervisor.processes[0].wait()
+        clock[0] += 5.0
+        supervisor.poll()
+    # Polls 5 s apart: each failed start is seen at one poll and, its pause of 1, 2, then 4 s
+    # being over, started again at the next: 3 restarts in 6 polls.
+    assert supervisor.restarts == 3
+    assert "cannot start aggregator worker 0" in caplog.text
+
+
 def test_the_status_page_names_each_process_role(tmp_path: Path) -> None:
     leader, _ = _gateway(tmp_path / "w", workers=3)
     tier = GatewayTier(_config(), MANIFEST, ZERO, QueueTransport(), GlobalStore(tmp_path / "g"),
