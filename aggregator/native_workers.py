@@ -25,19 +25,21 @@ RECEIVE_MAXIMUM = 65_535
 BATCH_MAX = 128  # as aggregator.coordinator.BATCH_MAX
 
 
-def check_native(config: AggregatorConfig, manifest: Manifest) -> None:
-    """Refuse what the native worker does not do, before anything starts.
+def check_native(config: AggregatorConfig, manifest: Manifest | None = None,
+                 option: str = "--worker-kind") -> None:
+    """Refuse what the native worker does not do, before anything starts (`option` names the
+    command's option in the message; `manifest`, when known, must have float32 tensors).
 
     Raises:
         ValueError: its one-line reason.
     """
-    check_mergeable(config, "--worker-kind native")
+    check_mergeable(config, f"{option} native")
     if config.clip_norm is not None:
-        raise ValueError("--worker-kind native does not clip updates: drop --clip-norm or use "
-                         "--worker-kind python")
-    odd = [s.name for s in manifest.tensors if s.dtype != "float32"]
+        raise ValueError(f"{option} native does not clip updates: drop --clip-norm or use "
+                         f"{option} python")
+    odd = [s.name for s in manifest.tensors if s.dtype != "float32"] if manifest else []
     if odd:
-        raise ValueError(f"--worker-kind native folds float32 adapters; {odd[0]} is not")
+        raise ValueError(f"{option} native folds float32 adapters; {odd[0]} is not")
     if binary() is None:
         raise ValueError(f"the native ingest worker is not built ({BUILT}, or edgefl-ingest on "
                          "PATH): run bash scripts/build_ingest.sh")

@@ -452,6 +452,7 @@ def _federation_config(args: argparse.Namespace, out: str) -> object:
         strategy=args.strategy, workload=args.workload, num_clusters=args.clusters,
         task_schedule=task_schedule(args), rounds_per_task=args.rounds_per_task,
         aggregator_workers=args.aggregator_workers,
+        aggregator_worker_kind=args.aggregator_worker_kind,
     )
 
 
@@ -621,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--aggregator-workers", type=int, default=0, metavar="N",
                        help="run the aggregator as edgefl aggregator --workers N does: N worker "
                             "processes on a shared subscription and a merging leader")
+        p.add_argument("--aggregator-worker-kind", choices=("python", "native"),
+                       default="python",
+                       help="with --aggregator-workers: Python workers, or the native C++ "
+                            "edgefl-ingest (bash scripts/build_ingest.sh)")
         method_args(p)
 
     p = sub.add_parser("demo", help="broker + aggregator + a few devices of a workload")

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 from aggregator.coordinator import AggregatorConfig, Coordinator, RoundRecord
 from aggregator.exact import lora_layers, residual_ratio
+from aggregator.native_workers import check_native, command, write_spec
 from aggregator.registry import RESIDUAL_STRATEGIES, STRATEGY_NAMES, check_mergeable
 from aggregator.store import GlobalStore
 from aggregator.workers import MergingLeader, Supervisor
@@ -82,6 +83,7 @@ class FederationConfig:
     # >0: the aggregator as a leader and this many worker processes on a shared subscription
     # (edgefl aggregator --workers; docs/DEPLOY.md section 6.1)
     aggregator_workers: int = 0
+    aggregator_worker_kind: str = "python"  # or "native": edgefl-ingest (--worker-kind native)
 
     def __post_init__(self) -> None:
         # The aggregator's own checks (strategy, clusters, schedule, mode), before any work.
@@ -94,6 +96,13 @@ class FederationConfig:
                              f"got {self.aggregator_workers}")
         if self.aggregator_workers:
             check_mergeable(checked, "--aggregator-workers")
+        if self.aggregator_worker_kind not in ("python", "native"):
+            raise ValueError(f"aggregator worker kind must be python or native, "
+                             f"got {self.aggregator_worker_kind!r}")
+        if self.aggregator_worker_kind == "native":
+            if not self.aggregator_workers:
+                raise ValueError("--aggregator-worker-kind native needs --aggregator-workers N")
+            check_native(checked, option="--aggregator-worker-kind")
         if self.strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from "
                              f"{', '.join(STRATEGY_NAMES)}")
@@ -238,8 +247,11 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         if config.aggregator_workers:
             coordinator = MergingLeader(agg_config, manifest, initial, agg_transport, store,
                                         on_round=on_round, workers=config.aggregator_workers)
+            native = config.aggregator_worker_kind == "native"
             supervisor = Supervisor(
-                lambda k: _worker_command(agg_config, artifacts, broker, run_dir, k),
+                lambda k: (command(write_spec(store.folder, k, agg_config, manifest, broker.host,
+                                              broker.port)) if native
+                           else _worker_command(agg_config, artifacts, broker, run_dir, k)),
                 config.aggregator_workers)
             supervisor.start()
         else:
@@ -297,6 +309,7 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         "skipped_rounds": result.skipped_rounds, "links_lost": result.links_lost,
         "native_failures": result.native_failures,
         "aggregator_workers": config.aggregator_workers,
+        "aggregator_worker_kind": config.aggregator_worker_kind,
         "worker_restarts": result.worker_restarts,
         "device_accuracy": result.device_accuracy, "residual_ratio": result.residual_ratio,
         "task_accuracy": result.task_accuracy,

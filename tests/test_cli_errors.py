@@ -70,3 +70,19 @@ def test_bad_scale_out_options_are_one_line(options: list[str], words: str, cnn_
     proc = _aggregator("--artifacts", str(cnn_artifacts), *options, state=tmp_path / "state")
     _one_line_error(proc, words)
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (["--aggregator-worker-kind", "native"],
+     "--aggregator-worker-kind native needs --aggregator-workers N"),
+    (["--aggregator-workers", "2", "--aggregator-worker-kind", "native", "--mode", "async"],
+     "merges synchronous rounds"),
+])
+def test_bad_fleet_scale_out_options_are_one_line(options: list[str], words: str,
+                                                  tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefl", "emulate", "--devices", "4", "--rounds", "1",
+         "--out", str(tmp_path / "out"), *options],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    _one_line_error(proc, words)
+    assert not (tmp_path / "out").exists()

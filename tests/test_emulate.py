@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edge_client.fleet import DEVICES_PER_PROCESS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,12 +79,17 @@ def test_many_native_devices_share_fleet_processes(tmp_path: Path, cnn_artifacts
            "0 failed" in logs[0].read_text()
 
 
-def test_a_fleet_through_aggregator_worker_processes(tmp_path: Path, cnn_artifacts: Path) -> None:
+@pytest.mark.parametrize("kind", ["python", "native"])
+def test_a_fleet_through_aggregator_worker_processes(tmp_path: Path, cnn_artifacts: Path,
+                                                     kind: str, request: pytest.FixtureRequest
+                                                     ) -> None:
+    if kind == "native":  # the C++ edgefl-ingest (aggregator/native) as both workers
+        request.getfixturevalue("native_build")
     # 30 devices, every update through one of 2 worker processes on a shared subscription
     proc = subprocess.run(
         [sys.executable, "-m", "edgefl", "emulate", "--devices", "30", "--rounds", "2",
          "--local-steps", "5", "--participation", "1.0", "--quorum", "1.0",
-         "--aggregator-workers", "2", "--out", str(tmp_path)],
+         "--aggregator-workers", "2", "--aggregator-worker-kind", kind, "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -90,6 +97,7 @@ def test_a_fleet_through_aggregator_worker_processes(tmp_path: Path, cnn_artifac
     report = json.loads(results.read_text())
     assert [r["devices"] for r in report["rounds"][1:]] == [30, 30]
     assert report["aggregator_workers"] == 2 and report["worker_restarts"] == 0
+    assert report["aggregator_worker_kind"] == kind
     assert not report["rejections"]
     assert report["rounds"][-1]["accuracy"] > report["rounds"][0]["accuracy"]
     (database,) = results.parent.glob("aggregator/*/aggregator.sqlite")

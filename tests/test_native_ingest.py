@@ -58,9 +58,9 @@ def _mixed(artifacts: Path, federation: str
     d2 = update("d2", 50_000, adapter())  # claims more than --max-samples
     d3 = update("d3", 50, adapter())
     nan = adapter()
-    nan[sorted(nan)[0]].flat[3] = np.nan
+    nan[min(nan)].flat[3] = np.nan
     missing = adapter()
-    del missing[sorted(missing)[-1]]
+    del missing[max(missing)]
     sent = [
         message(d0),
         message(d1),
