@@ -8,7 +8,8 @@ aggregator and reports its peak RSS above idle: the receive window must hold it 
 BURST_TARGET_MIB, and every update must be accepted (nothing dropped). `--workers 0,1,2,4` also
 runs the real `edgefl aggregator --workers W` as a child for each W, each run paired with a raw
 subscriber run on the same broker, and reports its rate, its ratio to raw and the CPU per update
-of its whole process tree (leader and workers).
+of its whole process tree (leader and workers); `nW` in that list runs W native workers
+(`--worker-kind native`, built by scripts/build_ingest.sh).
 """
 
 from __future__ import annotations
@@ -594,8 +595,8 @@ def main() -> None:
                              "above idle (0: skip)")
     parser.add_argument("--workers", type=_worker_counts, default=[],
                         help="also measure `edgefl aggregator --workers W` for each W of this "
-                             "comma-separated list (0: one process), paired with raw runs "
-                             "('' to skip)")
+                             "comma-separated list (0: one process; nW: W native workers), "
+                             "paired with raw runs ('' to skip)")
     parser.add_argument("--child", choices=("raw", "coordinator"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--federation", help=argparse.SUPPRESS)

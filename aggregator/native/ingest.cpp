@@ -293,7 +293,7 @@ class Worker {
     std::vector<std::string> parts;
     std::stringstream topic(m.topic);
     for (std::string part; std::getline(topic, part, '/');) parts.push_back(part);
-    if (m.topic.back() == '/') parts.push_back("");
+    if (!m.topic.empty() && m.topic.back() == '/') parts.push_back("");  // as Python's split
     if (parts.size() != 5 || parts[0] != "fl" || parts[1] != "v1" || parts[3] != "update")
       throw Rejected{"malformed", "not a device topic: " + m.topic};
     const std::string& federation = parts[2];
