@@ -6,6 +6,7 @@ Plain MQTT or TLS with the worker's own certificate; signed updates when the gat
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def write_spec(folder: Path, index: int, config: AggregatorConfig, manifest: Man
         "signing_registry": None if signing_registry is None else str(signing_registry),
         "tls": None if tls is None else {"ca": str(tls.ca), "cert": str(tls.cert or ""),
                                          "key": str(tls.key or "")},
+        # Its INFO lines (each accepted update) only when ours show (`-v`), as a Python worker.
+        "verbose": logging.getLogger("aggregator").isEnabledFor(logging.INFO),
     }
     path = Path(folder) / f"native-{name}.json"
     path.write_text(json.dumps(spec, indent=1))

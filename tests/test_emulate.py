@@ -98,6 +98,8 @@ def test_a_fleet_through_aggregator_worker_processes(tmp_path: Path, cnn_artifac
     assert [r["devices"] for r in report["rounds"][1:]] == [30, 30]
     assert report["aggregator_workers"] == 2 and report["worker_restarts"] == 0
     assert report["aggregator_worker_kind"] == kind
+    # Each accepted update is an INFO line, shown only with -v: the terminal stays the fleet's.
+    assert "accepted" not in proc.stderr + proc.stdout
     assert not report["rejections"]
     assert report["rounds"][-1]["accuracy"] > report["rounds"][0]["accuracy"]
     (database,) = results.parent.glob("aggregator/*/aggregator.sqlite")

@@ -15,6 +15,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -67,6 +68,7 @@ struct Spec {
   std::set<std::string> allowed;
   std::string signing_registry;  // "": updates are not signed
   std::optional<TlsFiles> tls;   // absent: plain TCP
+  bool verbose = false;          // INFO lines too (each accepted update, rounds, the summary)
 };
 
 Spec read_spec(const std::string& path) {
@@ -93,12 +95,26 @@ Spec read_spec(const std::string& path) {
     for (const auto& d : j.at("allowed_devices")) s.allowed.insert(d.get<std::string>());
   }
   if (!j.at("signing_registry").is_null()) s.signing_registry = j.at("signing_registry");
+  s.verbose = j.at("verbose");
   if (const json& tls = j.at("tls"); !tls.is_null()) s.tls = TlsFiles{tls.at("ca"), tls.at("cert"), tls.at("key")};
   return s;
 }
 
-void log(const Spec& spec, const std::string& line) {
-  std::fprintf(stderr, "edgefl-ingest %s: %s\n", spec.worker.c_str(), line.c_str());
+enum class Level { kInfo, kWarning };
+
+// One line on stderr in the Python aggregator's logging format; INFO only with spec.verbose
+// (the leader's `-v`), as the Python workers' INFO lines.
+void log(const Spec& spec, Level level, const std::string& line) {
+  if (level == Level::kInfo && !spec.verbose) return;
+  auto now = std::chrono::system_clock::now();
+  std::time_t seconds = std::chrono::system_clock::to_time_t(now);
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+  std::tm local{};
+  localtime_r(&seconds, &local);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y-%m-%d %H:%M:%S", &local);
+  std::fprintf(stderr, "%s,%03lld %s edgefl-ingest %s: %s\n", stamp, static_cast<long long>(ms),
+               level == Level::kInfo ? "INFO" : "WARNING", spec.worker.c_str(), line.c_str());
 }
 
 std::string hex_bytes(const std::string& hex) {
@@ -219,7 +235,7 @@ class Worker {
     std::snprintf(line, sizeof line,
                   "stopped: %lld updates accepted in %lld group commits (%.2f s), CPU %.2f s user + %.2f s system",
                   static_cast<long long>(accepted_), static_cast<long long>(commits_), commit_s_, user, system);
-    log(spec_, line);
+    log(spec_, Level::kInfo, line);
     return 0;
   }
 
@@ -236,7 +252,7 @@ class Worker {
   void follow() {
     auto latest = store_.latest_global();
     if (!latest) throw StoreError("the state database holds no global yet");
-    if (latest->first != round_) log(spec_, "round " + std::to_string(latest->first) + " open");
+    if (latest->first != round_) log(spec_, Level::kInfo, "round " + std::to_string(latest->first) + " open");
     round_ = latest->first;
     RawTensors tensors = parse_safetensors(latest->second);
     global_.clear();
@@ -380,7 +396,7 @@ class Worker {
   void reject(const std::string& topic, const Rejected& r) {
     rejections_[r.reason] += 1;
     if (r.reason != "duplicate")  // redelivered duplicates are expected with QoS 1
-      log(spec_, "rejected update on " + topic + ": " + r.reason + ": " + r.detail);
+      log(spec_, Level::kWarning, "rejected update on " + topic + ": " + r.reason + ": " + r.detail);
   }
 
   // Commit the group, then acknowledge its messages in arrival order.
@@ -402,13 +418,13 @@ class Worker {
         commits_ += 1;
         accepted_ += static_cast<int64_t>(rows.size());
         for (const AcceptedRow& row : rows)
-          log(spec_, "round " + std::to_string(round_) + ": accepted " + row.slot + " (" +
+          log(spec_, Level::kInfo, "round " + std::to_string(round_) + ": accepted " + row.slot + " (" +
                          std::to_string(row.num_samples) + " samples)");
         break;
       }
       // Lost a race with the leader's close or another worker's commit: back to what the
       // store holds, and check the group's updates again (now stale, or duplicates).
-      log(spec_, std::string(done == Commit::kRoundClosed ? "round closed" : "a slot was taken") +
+      log(spec_, Level::kInfo, std::string(done == Commit::kRoundClosed ? "round closed" : "a slot was taken") +
                      "; handling " + std::to_string(rows.size()) + " updates again");
       follow();
       std::vector<Handled*> again;
