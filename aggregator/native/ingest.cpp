@@ -233,8 +233,10 @@ class Worker {
     double system = usage.ru_stime.tv_sec + usage.ru_stime.tv_usec / 1e6;
     char line[200];
     std::snprintf(line, sizeof line,
-                  "stopped: %lld updates accepted in %lld group commits (%.2f s), CPU %.2f s user + %.2f s system",
-                  static_cast<long long>(accepted_), static_cast<long long>(commits_), commit_s_, user, system);
+                  "stopped: %lld updates accepted in %lld group commits (%.2f s), CPU %.2f s user + "
+                  "%.2f s system, peak RSS %.1f MiB",
+                  static_cast<long long>(accepted_), static_cast<long long>(commits_), commit_s_, user, system,
+                  usage.ru_maxrss / 1024.0);
     log(spec_, Level::kInfo, line);
     return 0;
   }
