@@ -163,3 +163,68 @@ def test_native_and_python_workers_judge_and_sum_alike(
     for name in native[3]:
         np.testing.assert_array_equal(native[3][name], python[3][name])
 
+
+
+def test_a_native_commit_that_loses_a_race_is_judged_again(
+        mosquitto: Broker, cnn_artifacts: Path, native_build: Path, tmp_path: Path) -> None:
+    """The two races of aggregator/workers.py, made deterministic by holding SQLite's write
+    lock while the worker's commit waits for it: another worker counts the same device first
+    (the commit fails on the unique slot index), and the leader closes the round first (the
+    commit sees a newer global). Each time the worker goes back to the store's state and judges
+    the update again, as the Python worker does."""
+    from aggregator.config import AggregatorConfig
+    from aggregator.native_workers import command, write_spec
+
+    federation = "nativerace"
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+    folder = tmp_path / "state" / federation
+    GlobalStore(folder).save(0, initial, {"closed": [], "assignment": {}, "family": {}})
+    config = AggregatorConfig(federation=federation, rounds=5, clients_per_round=100,
+                              min_clients=1)
+    spec = write_spec(folder, 0, config, manifest, mosquitto.host, mosquitto.port)
+    worker = subprocess.Popen(command(spec), stderr=subprocess.PIPE)
+    device = MqttTransport(mosquitto.host, mosquitto.port, "race-devices")
+    device.start()
+    db = sqlite3.connect(folder / DB_FILE, isolation_level=None)
+
+    def send(name: str, round_number: int, samples: int = 10) -> None:
+        update = Update(federation, round_number, name, manifest.sha256, samples,
+                        uuid.uuid4().hex, initial)
+        device.publish(topics.update_topic(federation, name), codec.encode_update(update))
+
+    def rejected() -> dict[str, int]:
+        row = db.execute("SELECT counts FROM worker_rejections WHERE worker = 'w0'").fetchone()
+        return {} if row is None else json.loads(row[0])
+
+    try:
+        assert _wait(lambda: _ready(tmp_path / "state", federation) == 1, 30)
+        time.sleep(0.5)  # the broker has handled the SUBSCRIBE sent before that row
+        # 1. Another worker commits d1 while this one, having judged d1 against the committed
+        # state, waits for the lock to commit its own copy.
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO accepted VALUES ('other-worker', 0, 'd1', 10, 10.0, 0, NULL)")
+        send("d1", 0)
+        time.sleep(1.0)
+        db.execute("COMMIT")
+        assert _wait(lambda: rejected() == {"duplicate-device": 1}, 30), rejected()
+        # 2. The leader stores round 1's global while this worker waits to commit d2 of round 0.
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO globals SELECT 1, adapter, info FROM globals WHERE round = 0")
+        send("d2", 0)
+        time.sleep(1.0)
+        db.execute("COMMIT")
+        assert _wait(lambda: rejected() == {"duplicate-device": 1, "stale-round": 1}, 30)
+        # 3. It went on in round 1: an update of round 1 counts there.
+        send("d3", 1, samples=7)
+        assert _wait(lambda: db.execute("SELECT COUNT(*) FROM accepted WHERE round = 1")
+                     .fetchone() == (1,), 30)
+    finally:
+        device.stop()
+        worker.terminate()
+        worker.wait(10)
+    assert worker.returncode == 0, worker.stderr.read().decode() if worker.stderr else ""
+    assert db.execute("SELECT update_id FROM accepted WHERE round = 0").fetchall() == \
+        [("other-worker",)]
+    assert db.execute("SELECT round, weight, count FROM partials WHERE worker = 'w0'").fetchall() \
+        == [(1, 7.0, 1)]
