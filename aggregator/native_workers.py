@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 from aggregator.config import AggregatorConfig
 from aggregator.registry import check_mergeable
@@ -17,13 +18,20 @@ from aggregator.workers import share_group
 from protocol import topics
 from protocol.manifest import Manifest
 from protocol.tensors import is_personal
-from transport.mqtt import TlsFiles
 
 REPO = Path(__file__).resolve().parents[1]
 BUILT = REPO / ".cache" / "native-ingest" / "edgefl-ingest"  # by scripts/build_ingest.sh
 SESSION_EXPIRY_S = 3600  # as transport.mqtt.MqttTransport's persistent sessions
 RECEIVE_MAXIMUM = 65_535
 BATCH_MAX = 128  # as aggregator.coordinator.BATCH_MAX
+
+
+class TlsPaths(Protocol):
+    """A worker's TLS files (transport.mqtt.TlsFiles, which only transport/ imports)."""
+
+    ca: Path
+    cert: Path | None
+    key: Path | None
 
 
 def check_native(config: AggregatorConfig, manifest: Manifest | None = None,
@@ -55,7 +63,7 @@ def binary() -> Path | None:
 
 
 def write_spec(folder: Path, index: int, config: AggregatorConfig, manifest: Manifest, host: str,
-               port: int, tls: TlsFiles | None = None, signing_registry: Path | None = None
+               port: int, tls: TlsPaths | None = None, signing_registry: Path | None = None
                ) -> Path:
     """The spec file of worker `index` (its settings, as edgefl-ingest reads them): with `tls`,
     the worker's own TLS identity; with `signing_registry`, updates must be signed."""

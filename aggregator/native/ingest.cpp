@@ -71,10 +71,20 @@ struct Spec {
   bool verbose = false;          // INFO lines too (each accepted update, rounds, the summary)
 };
 
+Spec spec_of(const json& j);
+
+// The spec file the leader wrote (aggregator/native_workers.py), or a one-line reason.
 Spec read_spec(const std::string& path) {
   std::ifstream file(path);
   if (!file) throw std::runtime_error("cannot read " + path);
-  json j = json::parse(file);
+  try {
+    return spec_of(json::parse(file));
+  } catch (const json::exception& e) {
+    throw std::runtime_error("spec " + path + " is not one the leader writes: " + e.what());
+  }
+}
+
+Spec spec_of(const json& j) {
   Spec s;
   s.federation = j.at("federation");
   s.worker = j.at("worker");
