@@ -6,17 +6,13 @@
 // (Python) merges the partial sums and publishes the globals; this process never publishes.
 //
 //   edgefl-ingest SPEC.json   (written by the leader; see aggregator/native_workers.py)
-#include <openssl/evp.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
-#include <ctime>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -27,10 +23,11 @@
 #include <vector>
 
 #include "codec.hpp"
-#include "json_strict.hpp"
 #include "mqtt_subscriber.hpp"
 #include "safetensors.hpp"
+#include "signing_registry.hpp"
 #include "state_store.hpp"
+#include "worker_spec.hpp"
 
 namespace edgefl::ingest {
 namespace {
@@ -38,165 +35,10 @@ namespace {
 using nlohmann::json;
 
 constexpr int kPollMs = 200;  // as aggregator.coordinator.POLL_S
-constexpr size_t kSignatureBytes = 64, kMaxDeviceIdBytes = 255;
-constexpr char kMagic[] = "EFS1";
 const char* const kWeight = "/weight";  // the scalars of a sum snapshot (aggregator/families.py)
 const char* const kCount = "/count";
 
 volatile std::sig_atomic_t stopping = 0;
-
-// An update that fails a check: `reason` is the counter label Coordinator.validate uses.
-struct Rejected {
-  std::string reason, detail;
-};
-
-struct TensorSpec {
-  std::string name;
-  std::vector<int64_t> shape;
-};
-
-// What the leader tells the worker (aggregator/native_workers.py writes it).
-struct Spec {
-  std::string federation, worker, client_id, share_filter, host, state_db, manifest_sha256;
-  int port = 1883;
-  std::vector<TensorSpec> tensors;  // the shared tensors of the manifest, all float32
-  int64_t max_samples = 0, rounds = 0;
-  size_t batch_max = 128;
-  uint32_t session_expiry_s = 3600;
-  uint16_t receive_maximum = 65535;
-  bool has_allowed = false;
-  std::set<std::string> allowed;
-  std::string signing_registry;  // "": updates are not signed
-  std::optional<TlsFiles> tls;   // absent: plain TCP
-  bool verbose = false;          // INFO lines too (each accepted update, rounds, the summary)
-};
-
-Spec spec_of(const json& j);
-
-// The spec file the leader wrote (aggregator/native_workers.py), or a one-line reason.
-Spec read_spec(const std::string& path) {
-  std::ifstream file(path);
-  if (!file) throw std::runtime_error("cannot read " + path);
-  try {
-    return spec_of(json::parse(file));
-  } catch (const json::exception& e) {
-    throw std::runtime_error("spec " + path + " is not one the leader writes: " + e.what());
-  }
-}
-
-Spec spec_of(const json& j) {
-  Spec s;
-  s.federation = j.at("federation");
-  s.worker = j.at("worker");
-  s.client_id = j.at("client_id");
-  s.share_filter = j.at("share_filter");
-  s.host = j.at("host");
-  s.port = j.at("port");
-  s.state_db = j.at("state_db");
-  s.manifest_sha256 = j.at("manifest_sha256");
-  s.max_samples = j.at("max_samples");
-  s.rounds = j.at("rounds");
-  s.batch_max = j.at("batch_max");
-  s.session_expiry_s = j.at("session_expiry_s");
-  s.receive_maximum = j.at("receive_maximum");
-  for (const auto& t : j.at("tensors")) s.tensors.push_back({t.at("name"), t.at("shape")});
-  if (!j.at("allowed_devices").is_null()) {
-    s.has_allowed = true;
-    for (const auto& d : j.at("allowed_devices")) s.allowed.insert(d.get<std::string>());
-  }
-  if (!j.at("signing_registry").is_null()) s.signing_registry = j.at("signing_registry");
-  s.verbose = j.at("verbose");
-  if (const json& tls = j.at("tls"); !tls.is_null()) s.tls = TlsFiles{tls.at("ca"), tls.at("cert"), tls.at("key")};
-  return s;
-}
-
-enum class Level { kInfo, kWarning };
-
-// One line on stderr in the Python aggregator's logging format; INFO only with spec.verbose
-// (the leader's `-v`), as the Python workers' INFO lines.
-void log(const Spec& spec, Level level, const std::string& line) {
-  if (level == Level::kInfo && !spec.verbose) return;
-  auto now = std::chrono::system_clock::now();
-  std::time_t seconds = std::chrono::system_clock::to_time_t(now);
-  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
-  std::tm local{};
-  localtime_r(&seconds, &local);
-  char stamp[32];
-  std::strftime(stamp, sizeof stamp, "%Y-%m-%d %H:%M:%S", &local);
-  std::fprintf(stderr, "%s,%03lld %s edgefl-ingest %s: %s\n", stamp, static_cast<long long>(ms),
-               level == Level::kInfo ? "INFO" : "WARNING", spec.worker.c_str(), line.c_str());
-}
-
-std::string hex_bytes(const std::string& hex) {
-  if (hex.size() % 2) throw std::runtime_error("odd-length hex");
-  std::string out;
-  for (size_t i = 0; i < hex.size(); i += 2) out.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
-  return out;
-}
-
-// The signing registry file (protocol/signing.py), read again whenever it changes on disk.
-class Registry {
- public:
-  explicit Registry(std::string path) : path_(std::move(path)) {
-    refresh();
-    if (!loaded_) throw std::runtime_error("cannot read the signing registry " + path_);
-  }
-  // The payload inside `frame`, or Rejected with signing.py's reasons (in its order).
-  std::string open(const std::string& device_id, const std::string& frame) {
-    if (frame.compare(0, 4, kMagic) != 0) throw Rejected{"signature-unsigned", "payload carries no signature frame"};
-    if (frame.size() < 4 + 2 + 1 + kSignatureBytes) throw Rejected{"signature-malformed-frame", "too short for a frame"};
-    size_t length = (static_cast<uint8_t>(frame[4]) << 8) | static_cast<uint8_t>(frame[5]);
-    if (length == 0 || length > kMaxDeviceIdBytes || 6 + length + kSignatureBytes > frame.size())
-      throw Rejected{"signature-malformed-frame", "device id length does not fit"};
-    std::string claimed = frame.substr(6, length);
-    if (!detail::valid_utf8(claimed)) throw Rejected{"signature-malformed-frame", "device id is not UTF-8"};
-    refresh();
-    auto key = keys_.find(device_id);
-    if (key == keys_.end()) throw Rejected{"signature-unknown-device", "no public key registered for " + device_id};
-    if (claimed != device_id) throw Rejected{"signature-device-mismatch", "frame of " + claimed + " sent as " + device_id};
-    size_t signed_bytes = frame.size() - kSignatureBytes;
-    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-    bool ok = ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr, key->second.get()) == 1 &&
-              EVP_DigestVerify(ctx.get(), reinterpret_cast<const unsigned char*>(frame.data() + signed_bytes),
-                               kSignatureBytes, reinterpret_cast<const unsigned char*>(frame.data()),
-                               signed_bytes) == 1;
-    if (!ok) throw Rejected{"signature-bad-signature", "signature of " + device_id + " does not verify"};
-    return frame.substr(6 + length, signed_bytes - 6 - length);
-  }
-
- private:
-  using Key = std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)>;
-  void refresh() {
-    struct stat info{};
-    if (::stat(path_.c_str(), &info) != 0) return;  // keep the last good registry
-    std::pair<int64_t, int64_t> stamp{info.st_mtim.tv_sec * 1000000000LL + info.st_mtim.tv_nsec, info.st_size};
-    if (loaded_ && stamp == stamp_) return;
-    try {
-      std::ifstream file(path_);
-      json j = json::parse(file);
-      if (j.at("schema") != 1 || j.at("algorithm") != "ed25519") throw std::runtime_error("not an ed25519 registry of schema 1");
-      std::map<std::string, Key> keys;
-      for (const auto& [device, hex] : j.at("devices").items()) {
-        std::string raw = hex_bytes(hex.get<std::string>());
-        if (raw.size() != 32) throw std::runtime_error("a public key is not 32 bytes");
-        EVP_PKEY* k = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr,
-                                                  reinterpret_cast<const unsigned char*>(raw.data()), 32);
-        if (!k) throw std::runtime_error("an invalid public key");
-        keys.emplace(device, Key(k, EVP_PKEY_free));
-      }
-      keys_ = std::move(keys);
-      stamp_ = stamp;
-      loaded_ = true;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "edgefl-ingest: signing registry %s unreadable, keeping the previous one: %s\n",
-                   path_.c_str(), e.what());
-    }
-  }
-  std::string path_;
-  std::map<std::string, Key> keys_;
-  std::pair<int64_t, int64_t> stamp_{};
-  bool loaded_ = false;
-};
 
 // One message handled in memory, acknowledged after the commit of its group.
 struct Handled {
@@ -211,7 +53,7 @@ class Worker {
       : spec_(std::move(spec)), store_(spec_.state_db),
         mqtt_(spec_.host, spec_.port, spec_.client_id, spec_.session_expiry_s, spec_.receive_maximum,
               spec_.tls) {
-    if (!spec_.signing_registry.empty()) registry_ = std::make_unique<Registry>(spec_.signing_registry);
+    if (!spec_.signing_registry.empty()) registry_ = std::make_unique<SigningRegistry>(spec_.signing_registry);
     if (auto saved = store_.rejections(spec_.worker)) {  // a restarted worker goes on counting
       for (const auto& [reason, count] : json::parse(*saved).items()) rejections_[reason] = count;
     }
@@ -497,7 +339,7 @@ class Worker {
   Spec spec_;
   StateStore store_;
   MqttSubscriber mqtt_;
-  std::unique_ptr<Registry> registry_;
+  std::unique_ptr<SigningRegistry> registry_;
   int64_t round_ = -1;
   std::map<std::string, std::vector<float>> global_;
   std::map<std::string, std::vector<double>> sums_;
