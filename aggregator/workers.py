@@ -153,9 +153,10 @@ class MergingLeader(Coordinator):
     # an index) so a round closes soon after its last update is committed.
     poll_s = LEADER_POLL_S
 
-    def __init__(self, *args: object, workers: int, **kwargs: object) -> None:
+    def __init__(self, *args: object, workers: int, worker_kind: str = "python",
+                 **kwargs: object) -> None:
         # Set first: the base constructor's status snapshot reads them.
-        self.workers = workers
+        self.workers, self.worker_kind = workers, worker_kind  # kind: python or native
         self._count = 0  # the workers' committed updates in the open round, as last read
         self._worker_rejections: Counter[str] = Counter()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -166,7 +167,8 @@ class MergingLeader(Coordinator):
         return (topics.status_filter(self.config.federation),)
 
     def role(self) -> str:
-        return f"leader of {self.workers} worker processes"
+        native = "native " if self.worker_kind == "native" else ""
+        return f"leader of {self.workers} {native}worker processes"
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundRecord]:
         """Wait until every worker has subscribed (the first time: the broker keeps no update

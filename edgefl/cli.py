@@ -232,8 +232,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     try:
         store = GlobalStore(Path(args.state_dir) / args.federation)
         transport.start()
-        extra: dict[str, object] = ({"gateway_id": args.upstream} if args.upstream
-                                    else {"workers": args.workers} if workers else {})
+        extra: dict[str, object] = (
+            {"gateway_id": args.upstream} if args.upstream
+            else {"workers": args.workers, "worker_kind": args.worker_kind} if workers else {})
         kind = (MergingLeader if workers else GatewayTier if args.upstream
                 else GatewayMerger if gateways else Coordinator)
         coordinator = kind(config, manifest,

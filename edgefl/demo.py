@@ -246,7 +246,8 @@ def run_federation(config: FederationConfig, console: Console | None = None) -> 
         supervisor = None
         if config.aggregator_workers:
             coordinator = MergingLeader(agg_config, manifest, initial, agg_transport, store,
-                                        on_round=on_round, workers=config.aggregator_workers)
+                                        on_round=on_round, workers=config.aggregator_workers,
+                                        worker_kind=config.aggregator_worker_kind)
             native = config.aggregator_worker_kind == "native"
             supervisor = Supervisor(
                 lambda k: (command(write_spec(store.folder, k, agg_config, manifest, broker.host,

@@ -365,10 +365,13 @@ def test_the_status_page_names_each_process_role(tmp_path: Path) -> None:
     upstream = GatewayMerger(_config(allowed_devices=frozenset({"g7", "g2"})), MANIFEST, ZERO,
                              QueueTransport(), GlobalStore(tmp_path / "u"))
     plain = Coordinator(_config(), MANIFEST, ZERO, QueueTransport(), GlobalStore(tmp_path / "p"))
+    native = MergingLeader(_config(), MANIFEST, ZERO, QueueTransport(),
+                           GlobalStore(tmp_path / "n"), workers=2, worker_kind="native")
     roles = [StatusServer(c.snapshot, "127.0.0.1", 0).state()["role"]
-             for c in (leader, tier, upstream, plain)]
+             for c in (leader, tier, upstream, plain, native)]
     assert roles == ["leader of 3 worker processes", "gateway g7 under an upstream aggregator",
-                     "upstream aggregator of gateways g2, g7", ""]
+                     "upstream aggregator of gateways g2, g7", "",
+                     "leader of 2 native worker processes"]
 
 
 @pytest.mark.parametrize("kind", ["python", "native"])
