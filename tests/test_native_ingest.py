@@ -20,7 +20,7 @@ from aggregator.store import DB_FILE, GlobalStore
 from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
-from tests.test_group_commit import _wait
+from tests.test_group_commit import _wait, accepted_count
 from tests.test_workers import _ready, _rejected
 from transport.broker import Broker
 from transport.mqtt import MqttTransport
@@ -228,3 +228,92 @@ def test_a_native_commit_that_loses_a_race_is_judged_again(
         [("other-worker",)]
     assert db.execute("SELECT round, weight, count FROM partials WHERE worker = 'w0'").fetchall() \
         == [(1, 7.0, 1)]
+
+
+def _random_mix(artifacts: Path, federation: str, n: int, seed: int) -> list[tuple[str, bytes]]:
+    """`n` messages for round 0 of `federation`, drawn (the same for any federation name) from
+    valid updates, resends, second updates of a device and the hostile kinds of _mixed, plus
+    flipped and cut bytes."""
+    manifest = load_manifest(artifacts)
+    initial = load_file(str(artifacts / manifest.files["adapter_init"]))
+    rng = np.random.default_rng(seed)
+    sent: list[tuple[str, bytes]] = []
+    devices = [f"m{i}" for i in range(n // 3)]  # fewer devices than messages: repeats happen
+    for i in range(n):
+        device = str(rng.choice(devices))
+        tensors = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()}
+        fields: dict[str, object] = {
+            "federation": federation, "round": 0, "device_id": device,
+            "manifest_sha256": manifest.sha256, "num_samples": int(rng.integers(1, 3000)),
+            "update_id": f"{federation}-{i}", "adapter": tensors,
+            "metrics": {"loss": float(rng.uniform(0, 3))}, "is_delta": bool(rng.random() < 0.3)}
+        kind = rng.choice(["valid"] * 8 + ["resend", "federation", "device", "manifest",
+                                           "future", "task", "nan", "shape", "flip", "cut"])
+        topic = topics.update_topic(federation, device)
+        if kind == "resend" and sent:
+            sent.append(sent[int(rng.integers(len(sent)))])
+            continue
+        if kind == "federation":
+            fields["federation"] = "elsewhere"
+        elif kind == "device":
+            topic = topics.update_topic(federation, device + "x")
+        elif kind == "manifest":
+            fields["manifest_sha256"] = "f" * 64
+        elif kind == "future":
+            fields["round"] = 1
+        elif kind == "task":
+            fields["task"] = "t"
+        elif kind == "nan":
+            tensors[max(tensors)].flat[int(rng.integers(tensors[max(tensors)].size))] = np.inf
+        elif kind == "shape":
+            tensors[min(tensors)] = tensors[min(tensors)][:1]
+        payload = codec.encode_update(Update(**fields))  # type: ignore[arg-type]
+        if kind == "flip":
+            at = int(rng.integers(len(payload)))
+            payload = payload[:at] + bytes([payload[at] ^ 0x20]) + payload[at + 1:]
+        elif kind == "cut":
+            payload = payload[: int(rng.integers(len(payload)))]
+        sent.append((topic, payload))
+    return sent
+
+
+def test_native_and_python_workers_agree_on_a_random_mix(
+        mosquitto: Broker, cnn_artifacts: Path, native_build: Path, tmp_path: Path) -> None:
+    n = 90
+    results = {}
+    for kind in ("python", "native"):
+        federation, state = f"mix-{kind}", tmp_path / kind
+        sent = _random_mix(cnn_artifacts, federation, n, seed=5)
+        leader = subprocess.Popen(
+            [sys.executable, "-m", "edgefl", "aggregator", "--host", mosquitto.host,
+             "--port", str(mosquitto.port), "--federation", federation, "--artifacts",
+             str(cnn_artifacts), "--rounds", "1", "--clients-per-round", "1000",
+             "--min-clients", "1000", "--deadline", "600", "--state-dir", str(state),
+             "--workers", "1", "--worker-kind", kind],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        device = MqttTransport(mosquitto.host, mosquitto.port, f"devices-{federation}")
+        device.start()
+
+        def handled(state: Path = state, federation: str = federation) -> int:
+            counted = sum(_rejected(state, federation).values())
+            return counted + accepted_count(state, federation)
+
+        try:
+            assert _wait(lambda: _ready(state, federation) == 1, 60)
+            time.sleep(0.5)
+            for topic, payload in sent:
+                device.publish(topic, payload)
+            assert _wait(lambda: handled() == n, 60), handled()  # every message judged once
+        finally:
+            device.stop()
+            leader.kill()
+            leader.wait(10)
+        totals, sums = _partial(state, federation)
+        results[kind] = (_rejected(state, federation), {k: v for k, v in totals.items()
+                                                        if k != "bytes"}, sums)
+    python, native = results["python"], results["native"]
+    assert native[0] == python[0], (native[0], python[0])
+    assert len(python[0]) >= 8 and python[1]["count"] >= 20  # the mix did mix
+    assert native[1] == python[1]
+    for name in python[2]:
+        np.testing.assert_array_equal(native[2][name], python[2][name])
