@@ -299,7 +299,7 @@ def test_native_and_python_workers_agree_on_a_random_mix(
             return counted + accepted_count(state, federation)
 
         try:
-            assert _wait(lambda: _ready(state, federation) == 1, 60)
+            assert _wait(lambda: _ready(state, federation) == 1, 60)  # noqa: B023 (called now)
             time.sleep(0.5)
             for topic, payload in sent:
                 device.publish(topic, payload)
