@@ -208,6 +208,16 @@ def _start(broker: Broker, artifacts: Path, state: Path) -> subprocess.Popen[byt
     )
 
 
+def final_global(watcher: MqttTransport, seconds: float) -> GlobalModel | None:
+    """The federation's final global as `watcher` receives it, or None within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = watcher.receive(1)
+        if message is not None and (model := codec.decode_global(message.payload)).final:
+            return model
+    return None
+
+
 def accepted_count(state: Path, federation: str = KILL_FED) -> int:
     """Updates the aggregator of `federation` under `state` has committed."""
     return count_rows(state, federation, "accepted")
@@ -274,12 +284,7 @@ def test_sigkill_during_group_commits_loses_and_doubles_nothing(
             device.publish(topic, payload)
         proc = kill_once_accepted(kills[-1] + 1)
         proc = kill_once_accepted(kills[-1] + 30)
-        final = None
-        deadline = time.monotonic() + 60
-        while final is None and time.monotonic() < deadline:
-            message = watcher.receive(1)
-            if message is not None and (g := codec.decode_global(message.payload)).final:
-                final = g
+        final = final_global(watcher, 60)
         proc.wait(30)
     finally:
         if proc.poll() is None:

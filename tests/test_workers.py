@@ -26,7 +26,7 @@ from protocol import codec, topics
 from protocol.manifest import load_manifest
 from protocol.messages import Update
 from tests.test_gateway_security import gateway_dir  # noqa: F401 - fixture
-from tests.test_group_commit import _wait, accepted_count, burst, count_rows
+from tests.test_group_commit import _wait, accepted_count, burst, count_rows, final_global
 from tests.test_hierarchy import assert_fedavg, stop_all
 from tests.test_round_aggregators import FED, MANIFEST, ZERO, Message, _full
 from tests.test_storage_faults import QueueTransport
@@ -189,12 +189,7 @@ def test_workers_share_a_round_and_a_killed_worker_loses_nothing(
         assert _wait(lambda: accepted_count(state, federation) >= 20, 60)  # the other one works
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
-        final = None
-        deadline = time.monotonic() + 90
-        while final is None and time.monotonic() < deadline:
-            message = watcher.receive(1)
-            if message is not None and (g := codec.decode_global(message.payload)).final:
-                final = g
+        final = final_global(watcher, 90)
         leader.wait(30)
     finally:
         if leader.poll() is None:

@@ -146,6 +146,13 @@ class Worker {
 
   void fold(Publish message) {
     Handled h{std::move(message), false, {}};
+    judge(h);
+    group_.push_back(std::move(h));
+  }
+
+  // Validate one message and fold it in, or count its rejection; sets h.accepted.
+  void judge(Handled& h) {
+    h.accepted = false;
     try {
       Update update = validate(h.message);
       add(update, h);
@@ -155,7 +162,6 @@ class Worker {
     } catch (const std::exception& e) {  // no message may crash the gateway, whatever it holds
       reject(h.message.topic, {"invalid", e.what()});
     }
-    group_.push_back(std::move(h));
   }
 
   // Coordinator.validate and IngestWorker.validate, check for check, reason for reason.
@@ -283,17 +289,8 @@ class Worker {
       follow();
       std::vector<Handled*> again;
       for (Handled* h : pending) {
-        h->accepted = false;
-        try {
-          Update update = validate(h->message);
-          add(update, *h);
-          h->accepted = true;
-          again.push_back(h);
-        } catch (const Rejected& r) {
-          reject(h->message.topic, r);
-        } catch (const std::exception& e) {
-          reject(h->message.topic, {"invalid", e.what()});
-        }
+        judge(*h);
+        if (h->accepted) again.push_back(h);
       }
       pending = std::move(again);
     }

@@ -191,10 +191,7 @@ void MqttSubscriber::connect() {
   auto deadline = Clock::now() + std::chrono::seconds(kKeepAliveS);
   uint8_t header;
   std::string reply;
-  while (!parse_one(&header, &reply)) {
-    if (Clock::now() > deadline) throw MqttError("no CONNACK from the broker");
-    read_some(1000);
-  }
+  await_packet(deadline, "CONNACK", &header, &reply);
   if ((header & 0xF0) != kConnack) throw MqttError("the broker answered CONNECT without CONNACK");
   Reader r{reply};
   r.u8();  // session present
@@ -213,10 +210,7 @@ void MqttSubscriber::subscribe(const std::string& filter) {
   while (true) {
     uint8_t header;
     std::string reply;
-    while (!parse_one(&header, &reply)) {
-      if (Clock::now() > deadline) throw MqttError("no SUBACK from the broker");
-      read_some(1000);
-    }
+    await_packet(deadline, "SUBACK", &header, &reply);
     if ((header & 0xF0) == kSuback) {
       Reader r{reply};
       r.u16();
@@ -227,6 +221,14 @@ void MqttSubscriber::subscribe(const std::string& filter) {
       return;
     }
     if (auto message = handle(header, reply)) pending_.push_back(std::move(*message));
+  }
+}
+
+void MqttSubscriber::await_packet(Clock::time_point deadline, const char* awaited, uint8_t* header,
+                                  std::string* body) {
+  while (!parse_one(header, body)) {
+    if (Clock::now() > deadline) throw MqttError(std::string("no ") + awaited + " from the broker");
+    read_some(1000);
   }
 }
 

@@ -55,6 +55,8 @@ class MqttSubscriber {
  private:
   using Clock = std::chrono::steady_clock;
   bool parse_one(uint8_t* header, std::string* body);  // one whole packet buffered?
+  // The next packet, whatever it is; MqttError (naming `awaited`) when none came by `deadline`.
+  void await_packet(Clock::time_point deadline, const char* awaited, uint8_t* header, std::string* body);
   Publish parse_publish(uint8_t header, const std::string& body) const;
   std::optional<Publish> handle(uint8_t header, const std::string& body);
   bool read_some(int timeout_ms);  // false: timed out
