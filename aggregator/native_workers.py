@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from aggregator.config import AggregatorConfig
+from aggregator.coordinator import BATCH_MAX
 from aggregator.registry import check_mergeable
 from aggregator.store import DB_FILE
 from aggregator.workers import share_group
@@ -23,7 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 BUILT = REPO / ".cache" / "native-ingest" / "edgefl-ingest"  # by scripts/build_ingest.sh
 SESSION_EXPIRY_S = 3600  # as transport.mqtt.MqttTransport's persistent sessions
 RECEIVE_MAXIMUM = 65_535
-BATCH_MAX = 128  # as aggregator.coordinator.BATCH_MAX
 
 
 class TlsPaths(Protocol):
