@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +318,84 @@ def test_native_and_python_workers_agree_on_a_random_mix(
     assert native[1] == python[1]
     for name in python[2]:
         np.testing.assert_array_equal(native[2][name], python[2][name])
+
+
+def test_native_and_python_workers_open_signed_frames_alike(
+        mosquitto: Broker, cnn_artifacts: Path, native_build: Path, tmp_path: Path) -> None:
+    """Hostile frames against the signing registry: unsigned, cut, another device's frame on
+    this device's topic, a bad signature, a device the registry does not hold. The native
+    worker (its registry file given in its spec) and the Python IngestWorker (in-process, the
+    same registry) count the same reasons, and both accept the one good frame."""
+    from aggregator.config import AggregatorConfig
+    from aggregator.native_workers import command, write_spec
+    from aggregator.workers import IngestWorker
+    from protocol.signing import (
+        generate_signing_key,
+        public_key_bytes,
+        registry_from_json,
+        registry_to_json,
+        sign_payload,
+    )
+    from tests.test_round_aggregators import Message
+    from tests.test_storage_faults import QueueTransport
+
+    manifest = load_manifest(cnn_artifacts)
+    initial = load_file(str(cnn_artifacts / manifest.files["adapter_init"]))
+    keys = {d: generate_signing_key() for d in ("d1", "d2", "d3")}
+    registry_file = tmp_path / "registry.json"  # d3 signs, but is not enrolled
+    registry_file.write_text(registry_to_json({d: public_key_bytes(keys[d]) for d in ("d1", "d2")}))
+
+    def frames(federation: str) -> list[tuple[str, bytes]]:
+        def payload(device: str) -> bytes:
+            return codec.encode_update(Update(federation, 0, device, manifest.sha256, 10,
+                                              f"{federation}-{device}-{uuid.uuid4().hex[:8]}",
+                                              initial))
+
+        def topic(device: str) -> str:
+            return topics.update_topic(federation, device)
+
+        good = sign_payload(keys["d1"], "d1", payload("d1"))
+        bad = sign_payload(keys["d2"], "d2", payload("d2"))
+        return [
+            (topic("d2"), payload("d2")),  # signature-unsigned
+            (topic("d2"), bad[:40]),  # signature-malformed-frame
+            (topic("d2"), good),  # d1's frame on d2's topic: signature-device-mismatch
+            (topic("d2"), bad[:-1] + bytes([bad[-1] ^ 1])),  # signature-bad-signature
+            (topic("d3"), sign_payload(keys["d3"], "d3", payload("d3"))),  # unknown-device
+            (topic("d1"), good),  # accepted
+        ]
+
+    expected = {"signature-unsigned": 1, "signature-malformed-frame": 1,
+                "signature-device-mismatch": 1, "signature-bad-signature": 1,
+                "signature-unknown-device": 1}
+    # Python, in-process.
+    config = AggregatorConfig(federation="signed-py", rounds=1, clients_per_round=10,
+                              min_clients=1)
+    python = IngestWorker(config, manifest, initial, QueueTransport(),
+                          GlobalStore(tmp_path / "py"), worker="w0",
+                          registry=registry_from_json(registry_file.read_text()))
+    for topic, frame in frames("signed-py"):
+        assert python.handle(Message(topic, frame))
+    assert dict(python.rejections) == expected
+    assert GlobalStore(tmp_path / "py").accepted_count(0) == 1
+    # Native, over the broker.
+    federation = "signed-native"
+    folder = tmp_path / "native" / federation
+    GlobalStore(folder).save(0, initial, {"closed": [], "assignment": {}, "family": {}})
+    spec = write_spec(folder, 0, replace(config, federation=federation), manifest,
+                      mosquitto.host, mosquitto.port, signing_registry=registry_file)
+    worker = subprocess.Popen(command(spec), stderr=subprocess.DEVNULL)
+    device = MqttTransport(mosquitto.host, mosquitto.port, "signed-devices")
+    device.start()
+    try:
+        assert _wait(lambda: _ready(tmp_path / "native", federation) == 1, 30)
+        time.sleep(0.5)
+        for topic, frame in frames(federation):
+            device.publish(topic, frame)
+        assert _wait(lambda: accepted_count(tmp_path / "native", federation) == 1
+                     and _rejected(tmp_path / "native", federation) == expected, 30), \
+            _rejected(tmp_path / "native", federation)
+    finally:
+        device.stop()
+        worker.terminate()
+        worker.wait(10)
