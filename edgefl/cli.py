@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "colora; default 0: this process does it all)")
     p.add_argument("--worker-kind", choices=("python", "native"), default="python",
                    help="with --workers: Python worker processes, or the native C++ ingest "
-                        "worker (bash scripts/build_native.sh; no --clip-norm)")
+                        "worker (bash scripts/build_ingest.sh; no --clip-norm)")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     p.add_argument("--upstream", metavar="GATEWAY_ID",
                    help="this gateway's rounds go upstream as partial sums (through a broker "
